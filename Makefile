@@ -1,0 +1,36 @@
+# The few commands people type. `make test` sets up .venv from a fresh clone if needed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: setup test test-slow lint format bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv and install the project with its dev extra
+
+test: $(STAMP)  ## the offline CPU test suite (slow tests excluded)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)  ## only the slow (real-size) tests
+	$(PY) -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: $(STAMP)  ## CPU benchmarks (tables go to BENCHMARKS.md by hand)
+	$(PY) scripts/bench_reward.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,167 @@
+"""Loading the open_clip backbone: one function, explicit device, fp32 on CPU by default.
+
+Sources, as ``HyperAlignConfig.backbone`` / ``.pretrained`` name them:
+- a built-in open_clip architecture with a pretrained tag (``ViT-B-16`` + ``openai``);
+- a built-in or project-registered architecture with a local weights file;
+- ``hf-hub:org/repo`` or ``local-dir:/path`` (open_clip's own schemas);
+- ``pretrained=None``: random weights (tests, cost measurement).
+
+This project registers its own small architectures from ``reward/model_configs/*.json``
+(``hyperalign-tiny`` for tests).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_CONFIG_DIR = Path(__file__).parent / "model_configs"
+# open_clip's image statistics for CLIP (OpenAI) models, used when a model carries none.
+_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class BackboneUnavailableError(RuntimeError):
+    """Pretrained backbone weights are not on this machine and cannot be downloaded."""
+
+
+@dataclass
+class Backbone:
+    """A loaded CLIP model with what is needed to feed it."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    image_size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    context_length: int
+    embed_dim: int
+
+
+@functools.cache
+def register_project_configs() -> None:
+    """Register this project's open_clip architectures (idempotent)."""
+    import open_clip
+
+    open_clip.add_model_config(_CONFIG_DIR)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _cached_tag_weights(arch: str, tag: str) -> str | None:
+    """Path of the weights of ``arch``/``tag`` in the local Hugging Face cache, if there."""
+    from huggingface_hub import try_to_load_from_cache
+    from open_clip.pretrained import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(arch, tag)
+    hub = cfg.get("hf_hub", "")
+    if not hub:
+        return None
+    repo, filename = os.path.split(hub.rstrip("/")) if not hub.endswith("/") else (hub[:-1], "")
+    names = [filename] if filename else []
+    names += ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+    for name in names:
+        path = try_to_load_from_cache(repo_id=repo, filename=name)
+        if isinstance(path, str):
+            return path
+    return None
+
+
+def _offline_error(what: str) -> BackboneUnavailableError:
+    return BackboneUnavailableError(
+        f"cannot load {what}: its weights are not in the local cache and the Hugging Face hub "
+        "is unreachable (no network, or HF_HUB_OFFLINE=1). Either run once with network "
+        "access to fill the cache, or point to weights on disk: "
+        "HyperAlignConfig(backbone='ViT-B-16', pretrained='/path/to/open_clip_model.safetensors')"
+        ", or backbone='local-dir:/path/to/open_clip_dir' (a folder with "
+        "open_clip_config.json and weights)."
+    )
+
+
+def load_backbone(
+    backbone: str,
+    pretrained: str | None,
+    *,
+    device: torch.device | str = "cpu",
+    base_dir: str | os.PathLike | None = None,
+) -> Backbone:
+    """Build the open_clip model and tokenizer (fp32, on ``device``).
+
+    ``base_dir``: directory against which a relative ``pretrained`` file path is resolved
+    (the checkpoint directory when loading a saved HyperAlign).
+    Raises ``BackboneUnavailableError`` at once, with what to do, when pretrained weights
+    would have to be downloaded but the hub cannot be reached.
+    """
+    import open_clip
+    from open_clip.pretrained import get_pretrained_cfg
+
+    register_project_configs()
+    kwargs: dict = {}
+    if backbone.startswith(("hf-hub:", "local-dir:")):
+        if backbone.startswith("hf-hub:") and not _hub_reachable():
+            # open_clip would retry the download for about a minute before failing.
+            raise _offline_error(backbone)
+        model_pretrained = None
+    elif pretrained is None:
+        model_pretrained = None
+    else:
+        if base_dir is not None and not os.path.isabs(pretrained):
+            candidate = Path(base_dir) / pretrained
+            if candidate.is_file():
+                pretrained = str(candidate)
+        if os.path.isfile(pretrained):
+            model_pretrained = pretrained
+        else:
+            tag_cfg = get_pretrained_cfg(backbone, pretrained)
+            if not tag_cfg:
+                raise ValueError(
+                    f"pretrained={pretrained!r} is neither a file nor a known open_clip tag for "
+                    f"{backbone!r}; known tags: {open_clip.list_pretrained_tags_by_model(backbone)}"
+                )
+            kwargs["force_quick_gelu"] = bool(tag_cfg.get("quick_gelu", False))
+            model_pretrained = pretrained
+            if not _hub_reachable():
+                cached = _cached_tag_weights(backbone, pretrained)
+                if cached is None:
+                    raise _offline_error(f"open_clip {backbone!r} pretrained={pretrained!r}")
+                model_pretrained = cached
+    if (
+        not backbone.startswith(("hf-hub:", "local-dir:"))
+        and backbone not in open_clip.list_models()
+    ):
+        raise ValueError(
+            f"unknown open_clip architecture {backbone!r}; use one of open_clip.list_models() "
+            "(e.g. 'ViT-B-16', or this project's 'hyperalign-tiny'), or an 'hf-hub:' / "
+            "'local-dir:' id"
+        )
+    model = open_clip.create_model(backbone, pretrained=model_pretrained, device=device, **kwargs)
+    tokenizer = open_clip.get_tokenizer(backbone)
+    visual = model.visual
+    pcfg = getattr(visual, "preprocess_cfg", None) or {}
+    size = getattr(visual, "image_size", None) or pcfg.get("size", 224)
+    if isinstance(size, int):
+        size = (size, size)
+    mean = tuple(pcfg.get("mean", _CLIP_MEAN))
+    std = tuple(pcfg.get("std", _CLIP_STD))
+    context_length = int(getattr(tokenizer, "context_length", None) or model.context_length)
+    embed_dim = int(model.text_projection.shape[-1]) if hasattr(model, "text_projection") else None
+    if embed_dim is None:  # pragma: no cover - CustomTextCLIP variants
+        with torch.no_grad():
+            embed_dim = int(model.encode_text(tokenizer(["a"]).to(device)).shape[-1])
+    return Backbone(model, tokenizer, tuple(size), mean, std, context_length, embed_dim)

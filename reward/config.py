@@ -1,0 +1,123 @@
+"""HyperAlign configuration: one typed dataclass, every field documented where it is defined.
+
+Values marked [ours] are this project's reading where the paper (arXiv 2601.04614) leaves
+them open; see ../shared/design/hyperalign.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+TUNING_MODES = ("adapter", "lora", "full", "frozen")
+
+
+@dataclass
+class HyperAlignConfig:
+    # --- backbone -------------------------------------------------------------------------
+    backbone: str = "ViT-B-16"
+    """open_clip architecture name (a built-in one, or one registered by this project such as
+    ``hyperalign-tiny``), or an ``hf-hub:org/repo`` / ``local-dir:/path`` open_clip id."""
+    pretrained: str | None = "openai"
+    """open_clip pretrained tag (``openai``), a local weights file (``.safetensors``/``.bin``;
+    a relative path is resolved against the checkpoint directory), or ``None`` for random
+    weights (tests, cost measurement). Ignored for ``hf-hub:``/``local-dir:`` backbones."""
+    tuning: str = "adapter"
+    """How the CLIP towers are trained: ``adapter`` (frozen towers + residual gated adapter per
+    modality, [ours] default), ``lora`` (peft LoRA on the towers), ``full`` or ``frozen``."""
+    adapter_width: int = 256
+    """Hidden width of each gated adapter MLP ``D -> width -> D`` [ours]."""
+    lora_rank: int = 8
+    """LoRA rank when ``tuning == "lora"``."""
+    lora_alpha: int = 16
+    """LoRA scaling numerator when ``tuning == "lora"``."""
+    lora_targets: tuple[str, ...] = ("c_fc", "c_proj")
+    """Module names that get LoRA (open_clip transformer MLP linears) when ``tuning == "lora"``."""
+
+    # --- hyperbolic mapping ---------------------------------------------------------------
+    a_max: float = 1.0
+    """Upper bound of the per-modality feature scale ``a = sigmoid(a_0) * a_max``."""
+    scale_init: float | None = None
+    """Initial value of ``a`` (per modality). ``None``: ``min(1/sqrt(embed_dim), a_max/2)``
+    (MERU initialises its scale to ``1/sqrt(d)`` so that embeddings start at O(1) norm) [ours]."""
+    curv_init: float = 1.0
+    """Initial curvature magnitude ``c`` (the space has curvature ``-c``)."""
+    learn_curv: bool = True
+    """Learn ``log c`` (clamped to ``[curv_min, curv_max]``); ``False`` keeps ``curv_init``."""
+    curv_min: float = 0.1
+    """Lower clamp of the learned curvature [ours, as MERU]."""
+    curv_max: float = 10.0
+    """Upper clamp of the learned curvature [ours, as MERU]."""
+    k: float = 0.1
+    """Cone constant: half-aperture ``asin(2k / (sqrt(c)|x_s|))`` [ours, MERU's K]."""
+
+    # --- regressor and loss ---------------------------------------------------------------
+    regressor: bool = True
+    """Adaptive modulation regressor ``M: (d, phi, delta) -> (alpha, beta, gamma)``. ``False``
+    is the "no regressor" ablation: a calibrated cosine ``alpha * s_base + beta`` with two
+    learned scalars."""
+    regressor_width: int = 32
+    """Hidden width of ``M`` (3 -> width -> width -> 3, GELU) [ours]."""
+    a_shrink: float = 0.8
+    """Maximum cone shrinkage of the dynamic entailment loss: a pair with target ``s`` must lie
+    in the cone shrunk to ``(1 - a_shrink * s)`` of its aperture. ``0`` = static cone."""
+    ent_weight: float = 0.2
+    """Weight ``lambda`` of the entailment loss (``0`` = no entailment loss) [ours, MERU]."""
+    reg_loss: str = "mse"
+    """Regression loss on the predicted score: ``mse``, ``l1`` or ``mse+plcc``."""
+
+    # --- data -----------------------------------------------------------------------------
+    target_range: tuple[float, float] | None = None
+    """(min, max) of the raw MOS the model was trained on; targets were min-max normalised to
+    [0, 1] with it. Used to map scores back to the dataset scale."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form provenance (dataset, seed, metrics); saved, never interpreted."""
+
+    def __post_init__(self) -> None:
+        if self.tuning not in TUNING_MODES:
+            raise ValueError(
+                f"HyperAlignConfig.tuning={self.tuning!r} is not one of {TUNING_MODES}"
+            )
+        if not 0 < self.curv_min <= self.curv_init <= self.curv_max:
+            raise ValueError(
+                "HyperAlignConfig needs 0 < curv_min <= curv_init <= curv_max, got "
+                f"{self.curv_min}, {self.curv_init}, {self.curv_max}"
+            )
+        if self.a_max <= 0:
+            raise ValueError(f"HyperAlignConfig.a_max must be > 0, got {self.a_max}")
+        if not 0 <= self.a_shrink < 1:
+            raise ValueError(f"HyperAlignConfig.a_shrink must be in [0, 1), got {self.a_shrink}")
+        if self.reg_loss not in ("mse", "l1", "mse+plcc"):
+            raise ValueError(
+                f"HyperAlignConfig.reg_loss={self.reg_loss!r}: use 'mse', 'l1' or 'mse+plcc'"
+            )
+        self.lora_targets = tuple(self.lora_targets)
+        if self.target_range is not None:
+            lo, hi = (float(v) for v in self.target_range)
+            if not hi > lo:
+                raise ValueError(f"HyperAlignConfig.target_range must have max > min, got {lo, hi}")
+            self.target_range = (lo, hi)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HyperAlignConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown HyperAlignConfig fields {unknown}; valid fields: {sorted(known)}"
+            )
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def replace(self, **overrides: Any) -> HyperAlignConfig:
+        bad = sorted(set(overrides) - {f.name for f in dataclasses.fields(self)})
+        if bad:
+            raise ValueError(f"unknown HyperAlignConfig fields {bad}")
+        return dataclasses.replace(self, **overrides)

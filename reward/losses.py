@@ -1,0 +1,58 @@
+"""HyperAlign training losses (hyperalign.md section 4).
+
+``L = L_reg(score, s) + lambda * L_ent``, with the *dynamic supervised entailment* loss
+``L_ent = mean(max(0, phi - delta * (1 - a_shrink * s)))``: a pair with target ``s`` must put
+the image inside the text's entailment cone shrunk to ``(1 - a_shrink * s)`` of its
+half-aperture, so a well aligned pair (s -> 1) must sit near the text's axis and a poorly
+aligned one (s -> 0) only inside the full cone [ours: reading of the paper].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import HyperAlignConfig
+from .model import HyperAlignOutput
+
+
+def entailment_loss(angle: Tensor, aperture: Tensor, target: Tensor, a_shrink: float) -> Tensor:
+    """``mean(relu(angle - aperture * (1 - a_shrink * target)))``; all inputs ``(B,)``."""
+    shrunk = aperture * (1.0 - a_shrink * target)
+    return F.relu(angle - shrunk).mean()
+
+
+def plcc_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """``(1 - Pearson(pred, target)) / 2`` over the batch (0 when perfectly correlated)."""
+    p = pred - pred.mean()
+    t = target - target.mean()
+    corr = (p * t).sum() / (p.norm() * t.norm()).clamp(min=1e-8)
+    return (1.0 - corr) / 2.0
+
+
+def regression_loss(pred: Tensor, target: Tensor, kind: str = "mse") -> Tensor:
+    """``mse``, ``l1`` or ``mse+plcc`` between ``(B,)`` predictions and targets."""
+    if kind == "mse":
+        return F.mse_loss(pred, target)
+    if kind == "l1":
+        return F.l1_loss(pred, target)
+    if kind == "mse+plcc":
+        return F.mse_loss(pred, target) + plcc_loss(pred, target)
+    raise ValueError(f"unknown regression loss {kind!r}; use 'mse', 'l1' or 'mse+plcc'")
+
+
+def hyperalign_loss(
+    out: HyperAlignOutput, target: Tensor, config: HyperAlignConfig
+) -> tuple[Tensor, dict[str, float]]:
+    """Total loss and its parts (floats, for logging). ``target``: ``(B,)`` in [0, 1]."""
+    target = target.to(out.score.device, torch.float32)
+    reg = regression_loss(out.score.float(), target, config.reg_loss)
+    total = reg
+    parts = {"loss_reg": float(reg.detach())}
+    if config.ent_weight > 0:
+        ent = entailment_loss(out.angle, out.aperture, target, config.a_shrink)
+        total = total + config.ent_weight * ent
+        parts["loss_ent"] = float(ent.detach())
+    parts["loss"] = float(total.detach())
+    return total, parts

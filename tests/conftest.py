@@ -1,0 +1,34 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("HYPERALIGN_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The reference data folder (../shared/data); tests using it skip when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"reference data not found at {SHARED_DATA} (set HYPERALIGN_SHARED_DATA)")
+    return SHARED_DATA
+
+
+def tiny_config(**overrides):
+    from reward import HyperAlignConfig
+
+    return HyperAlignConfig(backbone="hyperalign-tiny", pretrained=None, **overrides)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """A tiny random HyperAlign (eval mode, CPU). Do not mutate."""
+    from reward import HyperAlign
+
+    torch.manual_seed(0)
+    return HyperAlign(tiny_config()).eval()
