@@ -1,0 +1,311 @@
+"""Faithful and perturbed scenes for a prompt, and their labels (true alignment, simulated MOS).
+
+Perturbation kinds (each changes a faithful scene in one controlled way; ``expected_broken``
+is the number of the prompt's facts it breaks, by construction):
+
+================  ==========================================================  ================
+kind              change                                                      facts broken
+================  ==========================================================  ================
+color_swap        one object gets a colour no entity of the prompt uses        1 (+1 count)
+shape_swap        one object gets another shape, (colour, shape) new           1 (+1 count)
+size_change       one object whose size the prompt states flips small/large   1
+relation_flip     the scene is mirrored along the relation's axis             1
+binding_swap      two singular objects of different colour and shape swap     2
+                  colours ("a red circle and a blue square" -> blue circle,
+                  red square)
+missing_object    one object is removed                                        its slot facts
+                                                                              + total (+count)
+                                                                              (+relation)
+extra_object      an object of a (colour, shape) not in the prompt is added   1 (total)
+wrong_count       an entity with count >= 2 gets one copy more or fewer       2 / slot + 2
+================  ==========================================================  ================
+
+"(+1 count)": when the object belongs to an entity with a count. Prompts from
+:class:`~reward.shapes.prompts.PromptSampler` never repeat a (colour, shape) across entities,
+which keeps these numbers exact (``tests/test_shapes_world.py`` checks each against the scorer).
+``double`` applies two different kinds in turn; its alignment comes from the scorer only.
+
+The true alignment of any scene is always computed by :func:`reward.shapes.prompts.alignment`
+from the scene's objects, never from these tables.
+
+Simulated MOS (:class:`RaterModel`): a pool of raters, each with a fixed bias
+``b_r ~ N(0, bias_std)``; each image is rated by ``n_raters`` raters drawn from the pool
+without replacement; rating = clip(round(1 + 4 * alignment + b_r + e), 1, 5) with
+``e ~ N(0, noise_std)`` per rating; MOS = mean rating.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from reward.shapes.prompts import PromptSpec, alignment
+from reward.shapes.world import (
+    COLORS,
+    RELATIONS,
+    SHAPES,
+    SIZES,
+    Scene,
+    WorldConfig,
+    fits,
+    place_objects,
+)
+
+KINDS: tuple[str, ...] = (
+    "color_swap",
+    "shape_swap",
+    "size_change",
+    "relation_flip",
+    "binding_swap",
+    "missing_object",
+    "extra_object",
+    "wrong_count",
+)
+"""Single perturbation kinds, in a fixed order."""
+
+
+@dataclass(frozen=True)
+class Perturbed:
+    """A scene derived from a prompt, with its provenance."""
+
+    scene: Scene
+    kind: str
+    """``faithful``, one of :data:`KINDS`, or ``double:<kind1>+<kind2>``."""
+    expected_broken: int | None
+    """Facts this perturbation breaks by construction (``None`` for ``double``)."""
+
+
+def faithful_scene(
+    spec: PromptSpec, rng: np.random.Generator, config: WorldConfig | None = None
+) -> Scene:
+    """A random scene that satisfies every fact of ``spec``.
+
+    Objects follow the slot order of ``spec`` (``scene.objects[k]`` is slot ``k``); entities
+    without a stated size get a random one.
+    """
+    items = []
+    for i in spec.slots():
+        e = spec.entities[i]
+        items.append((e.shape, e.color, e.size or str(rng.choice(SIZES))))
+    relation = None
+    if spec.relation is not None:
+        slots = spec.slots()
+        r = spec.relation
+        relation = (slots.index(r.subject), r.relation, slots.index(r.object))
+    return Scene(place_objects(items, rng, config, relation=relation))
+
+
+def _entity_of(spec: PromptSpec, k: int):
+    return spec.entities[spec.slots()[k]]
+
+
+def perturb(
+    spec: PromptSpec,
+    scene: Scene,
+    kind: str,
+    rng: np.random.Generator,
+    config: WorldConfig | None = None,
+) -> Perturbed | None:
+    """Apply perturbation ``kind`` to ``scene`` (a faithful scene of ``spec`` in slot order).
+
+    Returns ``None`` when the kind does not apply (e.g. ``relation_flip`` without a relation,
+    ``size_change`` when no size is stated, or no free space for an extra object).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown perturbation {kind!r}; valid kinds: {KINDS}")
+    cfg = config or WorldConfig()
+    objs = list(scene.objects)
+    n = len(objs)
+    used = {(e.color, e.shape) for e in spec.entities}
+    used_colors = {e.color for e in spec.entities}
+
+    def count_extra(k: int) -> int:
+        return int(_entity_of(spec, k).count > 1)
+
+    if kind == "color_swap":
+        k = int(rng.integers(n))
+        choices = [c for c in COLORS if c not in used_colors]
+        objs[k] = dataclasses.replace(objs[k], color=str(rng.choice(choices)))
+        return Perturbed(Scene(tuple(objs)), kind, 1 + count_extra(k))
+
+    if kind == "shape_swap":
+        options = [
+            (k, s)
+            for k in range(n)
+            for s in SHAPES
+            if s != objs[k].shape and (objs[k].color, s) not in used
+        ]
+        if not options:
+            return None
+        k, shape = options[int(rng.integers(len(options)))]
+        new = dataclasses.replace(objs[k], shape=shape, rotation=cfg.sample_rotation(shape, rng))
+        # The new shape has the same area but maybe a larger circumradius: if it no longer
+        # fits, move it (not in relation prompts, where moving could change the relation).
+        others = objs[:k] + objs[k + 1 :]
+        if not fits(new, others, cfg):
+            if spec.relation is not None:
+                return None
+            try:
+                moved = place_objects([(shape, new.color, new.size)], rng, cfg, existing=others)
+            except RuntimeError:
+                return None
+            new = moved[0]
+        objs[k] = new
+        return Perturbed(Scene(tuple(objs)), kind, 1 + count_extra(k))
+
+    if kind == "size_change":
+        sized = [k for k in range(n) if _entity_of(spec, k).size is not None]
+        if not sized:
+            return None
+        rng.shuffle(sized)
+        for k in sized:
+            size = "small" if objs[k].size == "large" else "large"
+            new = dataclasses.replace(objs[k], size=size, scale=cfg.sample_scale(size, rng))
+            if fits(new, objs[:k] + objs[k + 1 :], cfg):
+                objs[k] = new
+                return Perturbed(Scene(tuple(objs)), kind, 1)
+        return None
+
+    if kind == "relation_flip":
+        if spec.relation is None:
+            return None
+        horizontal = spec.relation.relation in RELATIONS[:2]
+        objs = [
+            dataclasses.replace(o, cx=1.0 - o.cx)
+            if horizontal
+            else dataclasses.replace(o, cy=1.0 - o.cy)
+            for o in objs
+        ]
+        return Perturbed(Scene(tuple(objs)), kind, 1)
+
+    if kind == "binding_swap":
+        pairs = [
+            (a, b)
+            for a in range(n)
+            for b in range(a + 1, n)
+            if count_extra(a) == 0
+            and count_extra(b) == 0
+            and objs[a].color != objs[b].color
+            and objs[a].shape != objs[b].shape
+        ]
+        if not pairs:
+            return None
+        a, b = pairs[int(rng.integers(len(pairs)))]
+        ca, cb = objs[a].color, objs[b].color
+        objs[a] = dataclasses.replace(objs[a], color=cb)
+        objs[b] = dataclasses.replace(objs[b], color=ca)
+        return Perturbed(Scene(tuple(objs)), kind, 2)
+
+    if kind == "missing_object":
+        k = int(rng.integers(n))
+        broken = _slot_fact_count(spec, k) + 1 + count_extra(k)
+        if spec.relation is not None:
+            broken += 1  # both slots of a relation prompt take part in the relation
+        del objs[k]
+        return Perturbed(Scene(tuple(objs)), kind, broken)
+
+    if kind == "extra_object":
+        choices = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in used]
+        color, shape = choices[int(rng.integers(len(choices)))]
+        for size in (str(rng.choice(SIZES)), "small"):
+            try:
+                new = place_objects([(shape, color, size)], rng, cfg, existing=objs)
+            except RuntimeError:
+                continue
+            return Perturbed(Scene((*objs, *new)), kind, 1)
+        return None
+
+    # wrong_count
+    counted = [i for i, e in enumerate(spec.entities) if e.count > 1]
+    if not counted:
+        return None
+    i = counted[int(rng.integers(len(counted)))]
+    e = spec.entities[i]
+    members = [k for k in range(n) if spec.slots()[k] == i]
+    if e.count < 3 and rng.random() < 0.5:
+        try:
+            new = place_objects(
+                [(e.shape, e.color, e.size or str(rng.choice(SIZES)))], rng, cfg, existing=objs
+            )
+        except RuntimeError:
+            new = ()
+        if new:
+            return Perturbed(Scene((*objs, *new)), kind, 2)  # count + total
+    k = members[int(rng.integers(len(members)))]
+    broken = _slot_fact_count(spec, k) + 2  # the slot, count, total
+    del objs[k]
+    return Perturbed(Scene(tuple(objs)), kind, broken)
+
+
+def _slot_fact_count(spec: PromptSpec, k: int) -> int:
+    return 2 + int(_entity_of(spec, k).size is not None)
+
+
+def perturbed_scenes(
+    spec: PromptSpec,
+    scene: Scene,
+    rng: np.random.Generator,
+    config: WorldConfig | None = None,
+    n_double: int = 1,
+) -> list[Perturbed]:
+    """Every applicable single perturbation of ``scene`` once, plus ``n_double`` scenes with two
+    different perturbations applied in turn."""
+    out = []
+    for kind in KINDS:
+        p = perturb(spec, scene, kind, rng, config)
+        if p is not None:
+            out.append(p)
+    for _ in range(n_double):
+        for _attempt in range(10):
+            k1, k2 = rng.choice(len(KINDS), size=2, replace=False)
+            first = perturb(spec, scene, KINDS[int(k1)], rng, config)
+            if first is None:
+                continue
+            # The second perturbation reads slots by position: only valid while the object
+            # list still matches the slots, i.e. the first did not remove or add objects.
+            if len(first.scene.objects) != len(scene.objects):
+                continue
+            second = perturb(spec, first.scene, KINDS[int(k2)], rng, config)
+            if second is None:
+                continue
+            kind = f"double:{KINDS[int(k1)]}+{KINDS[int(k2)]}"
+            out.append(Perturbed(second.scene, kind, None))
+            break
+    return out
+
+
+@dataclass(frozen=True)
+class RaterModel:
+    """Simulated human raters giving 1-5 alignment ratings (see the module docstring)."""
+
+    pool_size: int = 20
+    """Number of distinct raters."""
+    n_raters: int = 5
+    """Ratings per image (raters drawn from the pool without replacement)."""
+    bias_std: float = 0.3
+    """Std of each rater's fixed bias, in rating points."""
+    noise_std: float = 0.5
+    """Std of the per-rating noise, in rating points."""
+
+    def biases(self, seed: int) -> np.ndarray:
+        """The pool's biases, shape (pool_size,), fixed by ``seed``."""
+        return np.random.default_rng([seed, 7919]).normal(0.0, self.bias_std, self.pool_size)
+
+    def ratings(self, true_alignment: float, biases: np.ndarray, rng: np.random.Generator):
+        """Integer ratings in 1..5, shape (n_raters,)."""
+        if self.n_raters > len(biases):
+            raise ValueError(f"n_raters={self.n_raters} exceeds the pool of {len(biases)}")
+        who = rng.choice(len(biases), size=self.n_raters, replace=False)
+        latent = 1.0 + 4.0 * true_alignment + biases[who] + rng.normal(0, self.noise_std, len(who))
+        return np.clip(np.rint(latent), 1, 5).astype(np.int64)
+
+    def mos(self, true_alignment: float, biases: np.ndarray, rng: np.random.Generator) -> float:
+        """Mean of :meth:`ratings`, in [1, 5]."""
+        return float(self.ratings(true_alignment, biases, rng).mean())
+
+
+def true_alignment(spec: PromptSpec, scene: Scene) -> float:
+    """Exact alignment of ``scene`` to ``spec`` (fraction of facts satisfied)."""
+    return alignment(spec, scene.objects)
