@@ -288,7 +288,7 @@ class HyperAlign(nn.Module):
             }
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT_TAG})
             (tmp / CONFIG_NAME).write_text(json.dumps({"format": FORMAT_TAG, **cfg}, indent=2))
-            _replace_dir(tmp, target)
+            replace_dir(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -365,10 +365,11 @@ def resolve_checkpoint_dir(path_or_hub_id: str | os.PathLike) -> Path:
         ) from err
 
 
-def _replace_dir(tmp: Path, target: Path) -> None:
+def replace_dir(tmp: Path, target: Path) -> None:
     """Move ``tmp`` to ``target``; an existing ``target`` is replaced only after success."""
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
         os.replace(target, old)
         os.replace(tmp, target)
         shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,782 @@
+"""``hyperalign train``: train HyperAlign on human alignment MOS (hyperalign.md section 5).
+
+The paper's protocol: CLIP ViT-B/16, batch 8, AdamW, 20 epochs, early stopping (here on
+validation SRCC), prompt-disjoint splits (4:1 AGIQA-3K / AIGCIQA2023, 3:1 PKU-I2IQA),
+SRCC/PLCC on the test subset, mean ± std over repeated splits.
+
+A run folder (``--out``) holds, per split ``split_<i>/``: ``best/`` (the checkpoint with the
+best validation SRCC, ``HyperAlign.from_pretrained``-loadable), ``state/last/`` (the
+resumable accelerate state, written atomically at every epoch end and every
+``--checkpoint-every`` steps), ``logs/`` (TensorBoard), ``test/`` (metrics, predictions CSV,
+scatter plot), ``run_config.json`` and ``result.json``; and ``summary.json`` / ``summary.md``
+(mean ± std over splits). Re-running the same command resumes an interrupted run from its
+last saved state; ``--restart`` starts over.
+
+Examples::
+
+    # one prompt-grouped split, paper settings, on a GPU machine
+    accelerate launch -m reward.train --dataset agiqa3k \\
+        --labels ../shared/data/iqa/agiqa3k/data.csv --image-root AGIQA-3K/ --out runs/agiqa3k
+
+    # 10 repeated splits, mean ± std
+    hyperalign train --dataset pku-i2iqa --labels ../shared/data/iqa/amff_splits/PKU-I2IQA/1 \\
+        --image-root PKU-I2IQA/ --out runs/pku --splits 10
+
+    # the ablation table (full, no entailment loss, static cone, no regressor, baseline)
+    hyperalign train --dataset aigciqa2023 --labels ... --image-root ... --out runs/abl \\
+        --ablation all --splits 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from .config import HyperAlignConfig
+from .data import (
+    IQADataset,
+    PairDataset,
+    Split,
+    canonical_split,
+    canonical_split_dirs,
+    check_images,
+    get_spec,
+    load_dataset,
+    prompt_split,
+)
+from .evaluate import _write_json, add_data_arguments, evaluate_samples, format_table, make_loader
+from .losses import hyperalign_loss
+from .metrics import METRIC_NAMES, mean_std
+from .model import HyperAlign, replace_dir
+
+PARAM_GROUPS = ("head", "adapters", "backbone")
+RANDOM_BACKBONE = "random_backbone.safetensors"  # pinned random towers (pretrained=None)
+
+
+def _help(text: str, default=dataclasses.MISSING, **kwargs):
+    """A dataclass field carrying its documentation (shown by ``--help``)."""
+    if isinstance(default, (list, tuple, dict)):
+        value = default
+        return field(default_factory=lambda: type(value)(value), metadata={"help": text}, **kwargs)
+    return field(default=default, metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class TrainConfig:
+    """How to train (the model itself is a ``HyperAlignConfig``). [ours] marks our choices."""
+
+    epochs: int = _help("maximum number of epochs (paper: 20)", 20)
+    batch_size: int = _help("prompt-image pairs per optimizer step, per process (paper: 8)", 8)
+    eval_batch_size: int = _help("pairs per forward pass when scoring val/test", 32)
+    lr_head: float = _help(
+        "AdamW learning rate of the head: feature scales, curvature, modulation regressor or "
+        "calibration scalars [ours]",
+        1e-3,
+    )
+    lr_adapters: float = _help(
+        "AdamW learning rate of the gated adapters (tuning=adapter) or LoRA weights (lora) [ours]",
+        1e-4,
+    )
+    lr_backbone: float = _help(
+        "AdamW learning rate of the CLIP towers when tuning=full [ours]", 1e-5
+    )
+    wd_head: float = _help(
+        "AdamW weight decay of the head; 0 because its few scalars set the geometry [ours]", 0.0
+    )
+    wd_adapters: float = _help("AdamW weight decay of the adapters / LoRA weights [ours]", 1e-2)
+    wd_backbone: float = _help("AdamW weight decay of the CLIP towers (tuning=full) [ours]", 1e-2)
+    adam_betas: tuple[float, float] = _help("AdamW (beta1, beta2)", (0.9, 0.999))
+    grad_clip: float = _help("clip the global gradient norm to this; 0 disables [ours]", 1.0)
+    patience: int = _help(
+        "early stopping: stop after this many epochs without a validation SRCC gain of more "
+        "than min_delta [ours]",
+        5,
+    )
+    min_delta: float = _help("smallest validation SRCC gain that counts as progress", 1e-4)
+    val_fraction: float = _help(
+        "share of the training prompts carved out (by prompt) for validation [ours]", 0.1
+    )
+    test_fraction: float | None = _help(
+        "share of prompts held out for test; None: the dataset's (0.2 for 4:1, 0.25 for 3:1)",
+        None,
+    )
+    canonical_splits: str | None = _help(
+        "use AMFF-Net's split folders under this path (prompt-disjoint for AGIQA-3K: "
+        "amff_splits/AGIQA-3K, split i = folder i+1) instead of our own prompt-grouped splits",
+        None,
+    )
+    seed: int = _help("split i uses seed + i for both the split and the training", 0)
+    num_workers: int = _help("image decoding worker processes per data loader", 4)
+    mixed_precision: str = _help("accelerate mixed precision: no, fp16 or bf16", "no")
+    checkpoint_every: int = _help(
+        "also save the resumable state every this many optimizer steps (0: only at epoch ends)",
+        500,
+    )
+    log_every: int = _help("log training losses every this many optimizer steps", 10)
+    tensorboard: bool = _help("write TensorBoard logs to <run>/logs via accelerate", True)
+
+    def __post_init__(self) -> None:
+        self.adam_betas = tuple(self.adam_betas)
+        for name in ("epochs", "batch_size", "eval_batch_size", "patience", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"TrainConfig.val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.test_fraction is not None and not 0 < self.test_fraction < 1:
+            raise ValueError(
+                f"TrainConfig.test_fraction must be in (0, 1), got {self.test_fraction}"
+            )
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(
+                f"TrainConfig.mixed_precision={self.mixed_precision!r}: use no, fp16 or bf16"
+            )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Fields whose change makes a saved state incompatible with the requested run.
+_RESUME_KEYS = (
+    "batch_size",
+    "lr_head",
+    "lr_adapters",
+    "lr_backbone",
+    "wd_head",
+    "wd_adapters",
+    "wd_backbone",
+    "adam_betas",
+    "grad_clip",
+    "seed",
+    "mixed_precision",
+)
+
+# Ablation rows (hyperalign.md section 6): name -> HyperAlignConfig overrides.
+ABLATIONS: dict[str, dict] = {
+    "full": {},
+    "no-entailment": {"ent_weight": 0.0},
+    "static-cone": {"a_shrink": 0.0},
+    "no-regressor": {"regressor": False},
+    "baseline": {"ent_weight": 0.0, "regressor": False},
+}
+
+
+# ------------------------------------------------------------------------------ pieces
+def param_groups(model: HyperAlign, config: TrainConfig) -> list[dict]:
+    """AdamW groups ``head`` / ``adapters`` / ``backbone`` with their lr and weight decay.
+
+    ``adapters`` = the gated adapters and any LoRA weights; ``backbone`` = other trainable
+    CLIP weights (tuning=full); ``head`` = everything else (scales, curvature, regressor).
+    """
+    groups: dict[str, list] = {g: [] for g in PARAM_GROUPS}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith("clip."):
+            group = "adapters" if "lora_" in name else "backbone"
+        elif name.startswith(("image_adapter.", "text_adapter.")):
+            group = "adapters"
+        else:
+            group = "head"
+        groups[group].append(p)
+    return [
+        {
+            "name": g,
+            "params": params,
+            "lr": getattr(config, f"lr_{g}"),
+            "weight_decay": getattr(config, f"wd_{g}"),
+        }
+        for g, params in groups.items()
+        if params
+    ]
+
+
+class EpochSampler(Sampler[int]):
+    """A seeded permutation per epoch, ``(seed, epoch)`` -> order, independent of global RNG.
+
+    ``skip`` drops the first indices of the current epoch (resuming mid-epoch).
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g)[self.skip :].tolist())
+
+    def __len__(self) -> int:
+        return self.n - self.skip
+
+
+@dataclass
+class TrainState:
+    """Progress saved with the accelerate state (``register_for_checkpointing``)."""
+
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0  # optimizer steps done in the current epoch
+    global_step: int = 0
+    best_val_srcc: float = -math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0  # consecutive epochs without improvement
+    stopped_early: bool = False
+    running: dict = field(default_factory=dict)  # loss sums over the current epoch's steps
+    history: list = field(default_factory=list)  # per-epoch dicts
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+def make_split(dataset: IQADataset, config: TrainConfig, index: int) -> tuple[Split, dict]:
+    """Split ``index`` of a repeated-split run and the record that rebuilds it."""
+    seed = config.seed + index
+    if config.canonical_splits:
+        dirs = canonical_split_dirs(config.canonical_splits)
+        if index >= len(dirs):
+            raise ValueError(
+                f"split {index} requested but {config.canonical_splits} has {len(dirs)} split "
+                "folders; lower --splits"
+            )
+        split = canonical_split(dataset, dirs[index], config.val_fraction, seed)
+        info = {"mode": split.mode, "dir": str(dirs[index].resolve()), "test_fraction": None}
+    else:
+        test_fraction = config.test_fraction or get_spec(dataset.name).test_fraction
+        split = prompt_split(dataset, test_fraction, config.val_fraction, seed)
+        info = {"mode": "prompt", "dir": None, "test_fraction": test_fraction}
+    info.update(seed=seed, val_fraction=config.val_fraction)
+    return split, info
+
+
+def _save_state(accelerator, state_dir: Path) -> None:
+    """``accelerator.save_state`` into a temp folder, then an atomic rename to ``state_dir``."""
+    tmp = state_dir.with_name(f".{state_dir.name}.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        state_dir.parent.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))  # every rank writes its RNG state
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        replace_dir(tmp, state_dir)
+    accelerator.wait_for_everyone()
+
+
+def _flat(prefix: str, data: dict) -> dict:
+    """Scalars only, for TensorBoard's hparams (None / tuples / dicts as strings)."""
+    out = {}
+    for k, v in data.items():
+        if isinstance(v, (bool, int, float, str)):
+            out[f"{prefix}{k}"] = v
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v)
+    return out
+
+
+# ------------------------------------------------------------------------------- train
+def train(
+    model_config: HyperAlignConfig,
+    config: TrainConfig,
+    dataset: IQADataset,
+    split: Split,
+    split_info: dict,
+    image_root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    cpu: bool = False,
+    restart: bool = False,
+    labels: str = "",
+) -> dict:
+    """Train one split; returns ``result`` (best epoch, val SRCC, test metrics).
+
+    Resumes from ``out_dir/state/last`` when present (unless ``restart``); a finished run
+    (``result.json`` present) returns its stored result.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    state_dir = out / "state" / "last"
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        cpu=cpu,
+        log_with="tensorboard" if config.tensorboard else None,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+    main = accelerator.is_main_process
+    if restart and main:
+        for name in ("state", "best", "test", "result.json", "run_config.json", RANDOM_BACKBONE):
+            target = out / name
+            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(
+                missing_ok=True
+            )
+    accelerator.wait_for_everyone()
+
+    record = {
+        "dataset": dataset.name,
+        "labels": str(labels),
+        "target_range": list(dataset.target_range),
+        "split": {**split_info, **split.describe()},
+        "model": model_config.to_dict(),
+        "train": config.to_dict(),
+    }
+    resume = state_dir.is_dir()
+    if (out / "result.json").is_file() and resume:
+        _check_same_run(out, record)
+        accelerator.print(f"{out}: finished earlier; reading result.json (--restart to redo)")
+        return json.loads((out / "result.json").read_text())
+    if resume:
+        _check_same_run(out, record)
+    elif main:
+        _write_json(out / "run_config.json", record)
+
+    # Every image of every subset must be there before any training starts.
+    check_images(split.train + split.val + split.test, image_root)
+
+    set_seed(split_info["seed"])
+    extra = dict(model_config.extra)
+    extra.update(dataset=dataset.name, labels=str(labels), split=split_info)
+    model_config = model_config.replace(target_range=dataset.target_range, extra=extra)
+    model = HyperAlign(model_config, device=accelerator.device)
+    if model_config.pretrained is None and model_config.tuning != "full":
+        model = _pin_random_backbone(model, out, accelerator)
+    groups = param_groups(model, config)
+    optimizer = torch.optim.AdamW(groups, betas=config.adam_betas)
+
+    train_data = PairDataset(split.train, image_root, model.image_size, dataset.target_range)
+    sampler = EpochSampler(len(train_data), split_info["seed"])
+    loader = DataLoader(
+        train_data, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers
+    )
+    val_loader = make_loader(
+        split.val,
+        image_root,
+        model.image_size,
+        dataset.target_range,
+        config.eval_batch_size,
+        config.num_workers,
+    )
+    model, optimizer, loader, val_loader = accelerator.prepare(model, optimizer, loader, val_loader)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    if resume:
+        accelerator.load_state(str(state_dir))
+        accelerator.print(
+            f"resumed {out} at epoch {state.epoch}, step {state.step_in_epoch} of that epoch "
+            f"(global step {state.global_step})"
+        )
+
+    steps_per_epoch = len(loader)
+    total_batch = config.batch_size * accelerator.num_processes
+    counts = {g["name"]: sum(p.numel() for p in g["params"]) for g in groups}
+    accelerator.print(
+        f"{dataset.name} split {split.mode} seed {split_info['seed']}: "
+        + ", ".join(
+            f"{k} {v['images']} images / {v['prompts']} prompts"
+            for k, v in split.describe().items()
+            if isinstance(v, dict)
+        )
+        + f"; total batch {total_batch}, {steps_per_epoch} steps/epoch, up to {config.epochs} "
+        f"epochs; trainable parameters {counts}"
+    )
+    if config.tensorboard:
+        accelerator.init_trackers(
+            "tensorboard",
+            config={**_flat("model/", model_config.to_dict()), **_flat("train/", config.to_dict())},
+        )
+
+    cfg = accelerator.unwrap_model(model).config
+    params = [p for g in groups for p in g["params"]]
+    show = accelerator.is_local_main_process
+    while state.epoch < config.epochs and not state.stopped_early:
+        epoch = state.epoch
+        model.train()
+        loader.set_epoch(epoch)
+        sampler.skip = state.step_in_epoch * total_batch
+        bar = tqdm(
+            loader,
+            total=steps_per_epoch,
+            initial=state.step_in_epoch,
+            desc=f"epoch {epoch + 1}/{config.epochs}",
+            disable=not show,
+            leave=False,
+        )
+        for batch in bar:
+            out_b = model(batch["pixels"], list(batch["prompt"]))
+            loss, parts = hyperalign_loss(out_b, batch["target"], cfg)
+            accelerator.backward(loss)
+            if config.grad_clip > 0:
+                accelerator.clip_grad_norm_(params, config.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step_in_epoch += 1
+            state.global_step += 1
+            for k, v in parts.items():
+                state.running[k] = state.running.get(k, 0.0) + v
+            if state.global_step % config.log_every == 0:
+                logs = {f"train/{k}": v for k, v in parts.items()}
+                logs.update({f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups})
+                accelerator.log(logs, step=state.global_step)
+                bar.set_postfix(loss=f"{parts['loss']:.4f}")
+            if config.checkpoint_every and state.global_step % config.checkpoint_every == 0:
+                _save_state(accelerator, state_dir)
+        sampler.skip = 0
+        n_steps = max(state.step_in_epoch, 1)
+
+        val = evaluate_samples(
+            model, split.val, dataset, image_root, None, accelerator=accelerator, loader=val_loader
+        )
+        score = val["srcc"] if math.isfinite(val["srcc"]) else -math.inf  # nan: constant preds
+        # The first epoch always gives a best checkpoint, whatever its score.
+        improved = state.best_epoch < 0 or score > state.best_val_srcc + config.min_delta
+        if improved:
+            state.best_val_srcc, state.best_epoch, state.bad_epochs = score, epoch, 0
+            if main:
+                net = accelerator.unwrap_model(model)
+                net.config.extra = {
+                    **net.config.extra,
+                    "best_epoch": epoch,
+                    "val_srcc": val["srcc"],
+                    "val_plcc": val["plcc_logistic"],
+                }
+                net.save_pretrained(out / "best")
+        else:
+            state.bad_epochs += 1
+        entry = {
+            "epoch": epoch,
+            **{f"train_{k}": v / n_steps for k, v in state.running.items()},
+            **{f"val_{k}": val[k] for k in METRIC_NAMES},
+        }
+        state.history.append(entry)
+        accelerator.log({f"val/{k}": val[k] for k in METRIC_NAMES}, step=state.global_step)
+        accelerator.print(
+            f"epoch {epoch + 1}: "
+            + (f"train loss {entry['train_loss']:.4f}, " if "train_loss" in entry else "")
+            + f"val SRCC {val['srcc']:.4f} PLCC {val['plcc_logistic']:.4f}"
+            + (
+                " (best)"
+                if improved
+                else f" (best {state.best_val_srcc:.4f} @ {state.best_epoch + 1})"
+            )
+        )
+        state.epoch += 1
+        state.step_in_epoch = 0
+        state.running = {}
+        if state.bad_epochs >= config.patience:
+            state.stopped_early = True
+            accelerator.print(f"early stop: no val SRCC gain for {config.patience} epochs")
+        _save_state(accelerator, state_dir)
+
+    accelerator.wait_for_everyone()
+    best = HyperAlign.from_pretrained(out / "best", device=accelerator.device).eval()
+    test = evaluate_samples(
+        best,
+        split.test,
+        dataset,
+        image_root,
+        out / "test",
+        batch_size=config.eval_batch_size,
+        num_workers=config.num_workers,
+        accelerator=accelerator,
+        title=f"{dataset.name} test ({split.mode}, seed {split_info['seed']})",
+    )
+    result = {
+        "dataset": dataset.name,
+        "split": split_info,
+        "best_epoch": state.best_epoch,
+        "best_val_srcc": state.best_val_srcc,
+        "epochs_run": state.epoch,
+        "stopped_early": state.stopped_early,
+        "test": test,
+        "history": state.history,
+    }
+    if main:
+        _write_json(out / "result.json", result)
+    accelerator.print(
+        f"{out}: test SRCC {test['srcc']:.4f}, PLCC {test['plcc_logistic']:.4f} "
+        f"(raw {test['plcc']:.4f}), KRCC {test['krcc']:.4f}, RMSE {test['rmse']:.4f}"
+    )
+    for tracker in accelerator.trackers:  # not end_training(): that ends the process group
+        tracker.finish()
+    accelerator.wait_for_everyone()
+    return result
+
+
+def _pin_random_backbone(model: HyperAlign, out: Path, accelerator) -> HyperAlign:
+    """Random CLIP towers (``pretrained=None``) that are not trained are not in the checkpoint.
+
+    Save them once to ``<run>/random_backbone.safetensors`` and rebuild the model from that
+    file, so ``save_pretrained`` copies it along and every checkpoint reloads the same towers.
+    """
+    from safetensors.torch import save_file
+
+    path = out / RANDOM_BACKBONE
+    if accelerator.is_main_process and not path.is_file():
+        state = {k: v.detach().contiguous().cpu() for k, v in model.clip.state_dict().items()}
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(state, str(tmp))
+        os.replace(tmp, path)
+    accelerator.wait_for_everyone()
+    config = model.config.replace(pretrained=RANDOM_BACKBONE)
+    return HyperAlign(config, device=accelerator.device, base_dir=out)
+
+
+def _check_same_run(out: Path, record: dict) -> None:
+    """A saved state may only be resumed by the same run (model, data, split, optimisation)."""
+    path = out / "run_config.json"
+    if not path.is_file():
+        raise ValueError(f"{out} holds a saved state but no run_config.json; pass --restart")
+    saved = json.loads(path.read_text())
+    record = json.loads(json.dumps(record))  # tuples -> lists, as stored
+    diffs = [k for k in ("dataset", "target_range", "split", "model") if saved.get(k) != record[k]]
+    diffs += [
+        f"train.{k}" for k in _RESUME_KEYS if saved.get("train", {}).get(k) != record["train"][k]
+    ]
+    if diffs:
+        raise ValueError(
+            f"{out} holds a run with different settings ({', '.join(diffs)}); pass --restart to "
+            "discard it, or choose another --out"
+        )
+
+
+def train_splits(
+    model_config: HyperAlignConfig,
+    config: TrainConfig,
+    dataset: IQADataset,
+    image_root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    n_splits: int = 1,
+    **kwargs,
+) -> dict:
+    """``n_splits`` repeated splits (seeds ``seed .. seed + n - 1``); mean ± std of test metrics."""
+    if n_splits < 1:
+        raise ValueError(f"--splits must be >= 1, got {n_splits}")
+    out = Path(out_dir)
+    results = []
+    for i in range(n_splits):
+        split, info = make_split(dataset, config, i)
+        results.append(
+            train(
+                model_config, config, dataset, split, info, image_root, out / f"split_{i}", **kwargs
+            )
+        )
+    tests = [r["test"] for r in results]
+    summary = {
+        "dataset": dataset.name,
+        "splits": n_splits,
+        "mean_std": {k: list(v) for k, v in mean_std(tests).items()},
+        "per_split": tests,
+    }
+    _write_json(out / "summary.json", summary)
+    table = format_table(
+        {**{f"split_{i}": t for i, t in enumerate(tests)}, "mean ± std": mean_std(tests)}
+    )
+    (out / "summary.md").write_text(table + "\n")
+    print(table)
+    return summary
+
+
+def run_ablations(
+    names: Sequence[str],
+    model_config: HyperAlignConfig,
+    config: TrainConfig,
+    dataset: IQADataset,
+    image_root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    n_splits: int = 1,
+    **kwargs,
+) -> dict:
+    """Each ablation row on the same splits; a Markdown table of test mean ± std per row."""
+    unknown = [n for n in names if n not in ABLATIONS]
+    if unknown:
+        raise ValueError(f"unknown ablation(s) {unknown}; valid: {', '.join(ABLATIONS)}, all")
+    out = Path(out_dir)
+    rows = {}
+    for name in names:
+        variant = model_config.replace(**ABLATIONS[name])
+        summary = train_splits(variant, config, dataset, image_root, out / name, n_splits, **kwargs)
+        rows[name] = {k: tuple(v) for k, v in summary["mean_std"].items()}
+    table = format_table(rows, ("srcc", "plcc_logistic", "plcc", "krcc", "rmse"))
+    (out / "ablation.md").write_text(table + "\n")
+    _write_json(
+        out / "ablation.json", {k: {m: list(v) for m, v in r.items()} for k, r in rows.items()}
+    )
+    print(f"\nablation on {dataset.name}, {n_splits} split(s), test mean ± std:\n{table}")
+    return rows
+
+
+# ----------------------------------------------------------------------------------- CLI
+EPILOG = """examples:
+  hyperalign train --dataset agiqa3k --labels ../shared/data/iqa/agiqa3k/data.csv \\
+      --image-root /data/AGIQA-3K --out runs/agiqa3k --splits 10
+  hyperalign train --dataset aigciqa2023 --labels ../shared/data/iqa/amff_splits/AIGCIQA2023/1 \\
+      --image-root /data/AIGCIQA2023 --out runs/abl --ablation all
+  accelerate launch -m reward.train ...   (same options; multi-GPU / mixed precision)
+
+Re-running a command resumes it from <out>/split_<i>/state/last; --restart starts over.
+The checkpoint to use afterwards is <out>/split_<i>/best (hyperalign score/eval --model).
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
+    add_data_arguments(parser)
+    parser.add_argument("--out", required=True, help="run folder (created; resumed if present)")
+    parser.add_argument(
+        "--splits", type=int, default=1, help="repeated splits; reports mean ± std (default: 1)"
+    )
+    parser.add_argument(
+        "--ablation",
+        default=None,
+        help=f"comma-separated ablation rows or 'all' ({', '.join(ABLATIONS)}); each row trains "
+        "--splits splits into <out>/<row>/ and a table goes to <out>/ablation.md",
+    )
+    parser.add_argument("--restart", action="store_true", help="discard saved state and results")
+    parser.add_argument("--cpu", action="store_true", help="train on CPU even if a GPU is present")
+
+    model = parser.add_argument_group("model (HyperAlignConfig)")
+    model.add_argument("--backbone", default="ViT-B-16", help="open_clip architecture or hub id")
+    model.add_argument(
+        "--pretrained", default="openai", help="open_clip tag or weights file; 'none' = random"
+    )
+    model.add_argument(
+        "--tuning",
+        default="adapter",
+        choices=["adapter", "lora", "full", "frozen"],
+        help="how the CLIP towers are trained (default: %(default)s)",
+    )
+    model.add_argument(
+        "--model-config",
+        default=None,
+        help='JSON file of further HyperAlignConfig fields (e.g. {"k": 0.1, "reg_loss": "l1"})',
+    )
+    model.add_argument(
+        "--no-entailment", action="store_true", help="ablation: entailment loss off (ent_weight 0)"
+    )
+    model.add_argument(
+        "--static-cone",
+        action="store_true",
+        help="ablation: no score-dependent shrink (a_shrink 0)",
+    )
+    model.add_argument(
+        "--no-regressor",
+        action="store_true",
+        help="ablation: calibrated cosine instead of the modulation regressor",
+    )
+
+    train_group = parser.add_argument_group("training (TrainConfig)")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata["help"] + " (default: %(default)s)"
+        if f.type in ("bool", bool):
+            train_group.add_argument(
+                flag, default=f.default, action=argparse.BooleanOptionalAction, help=help_text
+            )
+        elif f.name == "adam_betas":
+            train_group.add_argument(
+                flag, type=float, nargs=2, default=f.default_factory(), help=help_text
+            )
+        elif f.name in ("test_fraction",):
+            train_group.add_argument(flag, type=float, default=f.default, help=help_text)
+        elif f.name == "mixed_precision":
+            train_group.add_argument(
+                flag, default=f.default, choices=["no", "fp16", "bf16"], help=help_text
+            )
+        elif f.name == "canonical_splits":
+            train_group.add_argument(flag, default=f.default, help=help_text)
+        else:
+            train_group.add_argument(flag, type=type(f.default), default=f.default, help=help_text)
+
+
+def configs_from_args(args: argparse.Namespace) -> tuple[HyperAlignConfig, TrainConfig]:
+    overrides: dict = {}
+    if args.model_config:
+        overrides.update(json.loads(Path(args.model_config).read_text()))
+    pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
+    overrides.update(backbone=args.backbone, pretrained=pretrained, tuning=args.tuning)
+    if args.no_entailment:
+        overrides["ent_weight"] = 0.0
+    if args.static_cone:
+        overrides["a_shrink"] = 0.0
+    if args.no_regressor:
+        overrides["regressor"] = False
+    model_config = HyperAlignConfig.from_dict(overrides)
+    train_config = TrainConfig(
+        **{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    )
+    return model_config, train_config
+
+
+def run(args: argparse.Namespace) -> int:
+    model_config, train_config = configs_from_args(args)
+    dataset = load_dataset(args.dataset, args.labels, args.format)
+    kwargs = {"cpu": args.cpu, "restart": args.restart, "labels": str(args.labels)}
+    try:
+        if args.ablation:
+            names = list(ABLATIONS) if args.ablation == "all" else args.ablation.split(",")
+            run_ablations(
+                names,
+                model_config,
+                train_config,
+                dataset,
+                args.image_root,
+                args.out,
+                args.splits,
+                **kwargs,
+            )
+        else:
+            train_splits(
+                model_config,
+                train_config,
+                dataset,
+                args.image_root,
+                args.out,
+                args.splits,
+                **kwargs,
+            )
+    finally:
+        from accelerate.state import PartialState
+
+        if PartialState._shared_state:
+            PartialState().destroy_process_group()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hyperalign train", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = [
+    "ABLATIONS",
+    "EpochSampler",
+    "TrainConfig",
+    "TrainState",
+    "make_split",
+    "param_groups",
+    "run_ablations",
+    "train",
+    "train_splits",
+]
