@@ -21,6 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "evaluate HyperAlign checkpoints on an IQA dataset (metrics, CSV, plot)",
     ),
     "shapes-data": ("reward.shapes.dataset", "build a shapes-world alignment dataset (PNG + CSV)"),
+    "evaluate": (
+        "rlhf.checkpoint_eval",
+        "compare generator checkpoints: generate with pipeline/LoRAs, score, report",
+    ),
     "llava": ("vlm_tools.llava_cli", "contrastive-attention LLaVA critic: score, masking"),
     "disclip": ("vlm_tools.description_cli", "description-selection CLIP: evaluate on a folder"),
 }

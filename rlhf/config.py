@@ -1,0 +1,423 @@
+"""Configuration of DDPO fine-tuning: one typed dataclass, presets as functions.
+
+Field names follow trl 0.23 `DDPOConfig` where one exists (`sample_*`, `train_*`,
+`per_prompt_stat_tracking_*`, `async_reward_computation`, ...), so users of the removed trl
+trainer find their knobs. Differences from trl: `advantage_mode` replaces the boolean
+`per_prompt_stat_tracking` (True <-> "per_prompt", False <-> "global") and adds "group";
+`negative_prompt` is one string (trl: `negative_prompts`); reward and prompt functions are
+named by registry specs (see `rlhf.rewards`, `rlhf.prompts`) so a run is fully described by
+its saved JSON config.
+
+Batch sizes are per process (per GPU) unless the name says "total".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = [
+    "DDPOConfig",
+    "base",
+    "tiny_cpu",
+    "sd15_hyperalign",
+    "PRESETS",
+    "get_preset",
+    "apply_overrides",
+]
+
+ADVANTAGE_MODES = ("per_prompt", "group", "global")
+TRAIN_MODES = ("ppo", "draft")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+
+
+@dataclass
+class DDPOConfig:
+    """All settings of one DDPO run. Every field is documented where it is defined."""
+
+    # --- run / logging ---------------------------------------------------------------------
+    run_name: str = "ddpo"
+    """Name of the run; outputs go to `<logdir>/<run_name>/`."""
+    logdir: str = "runs"
+    """Root directory of run outputs (config, checkpoints, final LoRA, tracker logs)."""
+    seed: int = 0
+    """Global seed; each process uses `seed + process_index` for sampling noise."""
+    log_with: str = "tensorboard"
+    """Tracker(s) for accelerate: "tensorboard", "wandb", "all" or "none"."""
+    log_image_freq: int = 1
+    """Log an image grid (with prompts and rewards) every N epochs; 0 disables."""
+    log_num_images: int = 8
+    """Images per logged grid (taken from rank 0's samples)."""
+
+    # --- model ----------------------------------------------------------------------------
+    pretrained_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    """Hub id or local directory of a Stable Diffusion 1.x pipeline; "tiny" builds the offline
+    tiny test pipeline (`rlhf.tiny.build_tiny_pipeline`), "random-sd15" the SD 1.5
+    architecture with random weights (`rlhf.tiny.build_random_sd15_pipeline`)."""
+    pretrained_revision: str | None = None
+    """Hub revision (branch, tag or commit) of `pretrained_model`."""
+    resolution: int | None = None
+    """Image height = width in pixels; None uses the UNet's native size (512 for SD 1.5)."""
+    lora_rank: int = 4
+    """LoRA rank r on the UNet attention projections."""
+    lora_alpha: float = 4.0
+    """LoRA alpha; the adapter output is scaled by alpha / r."""
+    lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    """UNet module names that receive LoRA adapters."""
+    mixed_precision: str = "fp16"
+    """"no", "fp16" or "bf16": dtype of the frozen weights and of autocast. LoRA weights and
+    the optimizer state are always fp32."""
+    allow_tf32: bool = True
+    """Allow TF32 matmuls on Ampere+ GPUs (no effect on CPU)."""
+
+    # --- epochs / checkpoints -------------------------------------------------------------
+    num_epochs: int = 100
+    """Number of epochs; one epoch = sample, score, then train on those samples."""
+    save_freq: int = 20
+    """Save a resumable checkpoint every N epochs (and always at the end); 0: only at the end."""
+    num_checkpoint_limit: int = 5
+    """Keep at most this many checkpoints (oldest deleted first)."""
+    resume_from: str | None = None
+    """Checkpoint directory to resume from, or "latest" for the newest one of this run."""
+
+    # --- prompts and rewards --------------------------------------------------------------
+    prompt_fn: str = "simple_animals"
+    """Prompt function spec, see `rlhf.prompts.get_prompt_fn` (e.g. "simple_animals",
+    "fixed:a red cube|a blue ball", "file:prompts.txt")."""
+    reward_fn: str = "brightness"
+    """Reward function spec, see `rlhf.rewards.get_reward` (e.g. "brightness",
+    "hyperalign:<name_or_path>")."""
+    negative_prompt: str = ""
+    """Negative prompt for the unconditional branch of CFG ("" is the plain unconditional)."""
+    async_reward_computation: bool = True
+    """Score each batch in a thread pool while the next batch is sampled."""
+    max_workers: int = 2
+    """Threads in the reward pool (only used with `async_reward_computation`)."""
+
+    # --- sampling -------------------------------------------------------------------------
+    sample_num_steps: int = 50
+    """DDIM steps per sample (T)."""
+    sample_eta: float = 1.0
+    """DDIM eta in (0, 1]; 1 is DDPM-like noise. Log-probs need eta > 0."""
+    sample_guidance_scale: float = 5.0
+    """Classifier-free guidance scale (<= 1 disables CFG)."""
+    sample_batch_size: int = 1
+    """Images per sampling batch, per process."""
+    sample_num_batches_per_epoch: int = 2
+    """Sampling batches per epoch, per process."""
+    sample_num_images_per_prompt: int = 1
+    """Images drawn per prompt inside a sampling batch (>= 2 for group-relative advantages);
+    must divide `sample_batch_size`."""
+
+    # --- training -------------------------------------------------------------------------
+    train_mode: str = "ppo"
+    """"ppo": DDPO PPO-clip; "draft": differentiable reward, backprop through the last
+    `draft_k` steps (DRaFT-K), needs a reward with a differentiable `score(images, prompts)`."""
+    draft_k: int = 1
+    """Steps backpropagated through in "draft" mode."""
+    train_batch_size: int = 1
+    """Samples per training micro-batch, per process."""
+    train_gradient_accumulation_steps: int = 1
+    """Micro-batches accumulated per optimizer step (each micro-batch already accumulates over
+    its trained timesteps)."""
+    train_learning_rate: float = 3e-4
+    """AdamW learning rate."""
+    train_adam_beta1: float = 0.9
+    """AdamW beta1."""
+    train_adam_beta2: float = 0.999
+    """AdamW beta2."""
+    train_adam_weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    train_adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
+    train_max_grad_norm: float = 1.0
+    """Gradient clipping norm (> 0)."""
+    train_num_inner_epochs: int = 1
+    """Passes over each epoch's samples."""
+    train_cfg: bool = True
+    """Use CFG (same scale as sampling) when recomputing log-probs in training."""
+    train_adv_clip_max: float = 5.0
+    """Clip advantages to [-x, x]."""
+    train_clip_range: float = 1e-4
+    """PPO clip range epsilon for the ratio."""
+    train_timestep_fraction: float = 1.0
+    """Fraction of each trajectory's (shuffled) timesteps trained on."""
+    train_kl_coef: float = 0.0
+    """Weight of the KL penalty to the adapter-disabled (reference) model; 0 disables it
+    (saves one UNet forward per step)."""
+    max_consecutive_nonfinite: int = 3
+    """Stop the run after this many consecutive optimizer steps with non-finite gradients."""
+
+    # --- advantages -----------------------------------------------------------------------
+    advantage_mode: str = "per_prompt"
+    """"per_prompt" (DDPO stat tracking), "group" (normalise inside each prompt's group in
+    this epoch) or "global" (normalise over the epoch)."""
+    per_prompt_stat_tracking_buffer_size: int = 16
+    """Rewards remembered per prompt for per-prompt tracking."""
+    per_prompt_stat_tracking_min_count: int = 16
+    """Below this many rewards for a prompt, the batch mean/std is used instead."""
+
+    extra: dict = field(default_factory=dict)
+    """Free-form notes stored with the run (not used by the trainer)."""
+
+    # ---------------------------------------------------------------------------------------
+    @property
+    def num_train_timesteps(self) -> int:
+        """Timesteps trained per trajectory: int(sample_num_steps * train_timestep_fraction)."""
+        return int(self.sample_num_steps * self.train_timestep_fraction)
+
+    def derived(self, num_processes: int = 1) -> dict[str, int]:
+        """Derived quantities, logged at start-up."""
+        per_proc = self.sample_batch_size * self.sample_num_batches_per_epoch
+        micro_batches = per_proc // self.train_batch_size
+        return {
+            "num_processes": num_processes,
+            "samples_per_epoch": per_proc * num_processes,
+            "samples_per_epoch_per_process": per_proc,
+            "total_train_batch_size": self.train_batch_size
+            * num_processes
+            * self.train_gradient_accumulation_steps,
+            "trained_timesteps_per_sample": self.num_train_timesteps,
+            "optimizer_steps_per_epoch": micro_batches
+            // self.train_gradient_accumulation_steps
+            * (self.train_num_inner_epochs if self.train_mode == "ppo" else 1),
+        }
+
+    def validate(self) -> None:
+        """Raise `ValueError` naming every impossible setting and how to fix it."""
+        errs: list[str] = []
+
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                errs.append(msg)
+
+        for name in (
+            "num_epochs",
+            "sample_num_steps",
+            "sample_batch_size",
+            "sample_num_batches_per_epoch",
+            "sample_num_images_per_prompt",
+            "train_batch_size",
+            "train_gradient_accumulation_steps",
+            "train_num_inner_epochs",
+            "lora_rank",
+            "max_workers",
+            "max_consecutive_nonfinite",
+            "per_prompt_stat_tracking_buffer_size",
+        ):
+            need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        need(self.save_freq >= 0, f"save_freq must be >= 0, got {self.save_freq}")
+        need(
+            0 < self.sample_eta <= 1,
+            f"sample_eta must be in (0, 1] (log-probs need a stochastic step), got {self.sample_eta}",
+        )
+        need(
+            0 < self.train_timestep_fraction <= 1,
+            f"train_timestep_fraction must be in (0, 1], got {self.train_timestep_fraction}",
+        )
+        if self.sample_num_steps >= 1 and 0 < self.train_timestep_fraction <= 1:
+            need(
+                self.num_train_timesteps >= 1,
+                f"sample_num_steps * train_timestep_fraction = {self.sample_num_steps} * "
+                f"{self.train_timestep_fraction} trains on 0 timesteps; raise either",
+            )
+        need(self.train_clip_range > 0, "train_clip_range must be > 0")
+        need(self.train_adv_clip_max > 0, "train_adv_clip_max must be > 0")
+        need(self.train_max_grad_norm > 0, "train_max_grad_norm must be > 0")
+        need(self.train_learning_rate > 0, "train_learning_rate must be > 0")
+        need(self.train_kl_coef >= 0, "train_kl_coef must be >= 0")
+        need(
+            self.mixed_precision in MIXED_PRECISIONS,
+            f"mixed_precision must be one of {MIXED_PRECISIONS}, got {self.mixed_precision!r}",
+        )
+        need(
+            self.advantage_mode in ADVANTAGE_MODES,
+            f"advantage_mode must be one of {ADVANTAGE_MODES}, got {self.advantage_mode!r}",
+        )
+        need(
+            self.train_mode in TRAIN_MODES,
+            f"train_mode must be one of {TRAIN_MODES}, got {self.train_mode!r}",
+        )
+        need(
+            self.log_with in ("tensorboard", "wandb", "all", "none"),
+            f"log_with must be tensorboard|wandb|all|none, got {self.log_with!r}",
+        )
+        need(
+            self.resolution is None or (self.resolution > 0 and self.resolution % 8 == 0),
+            f"resolution must be a positive multiple of 8, got {self.resolution}",
+        )
+        if self.sample_batch_size >= 1 and self.sample_num_images_per_prompt >= 1:
+            need(
+                self.sample_batch_size % self.sample_num_images_per_prompt == 0,
+                f"sample_num_images_per_prompt={self.sample_num_images_per_prompt} must divide "
+                f"sample_batch_size={self.sample_batch_size}",
+            )
+        need(
+            self.advantage_mode != "group" or self.sample_num_images_per_prompt >= 2,
+            "advantage_mode='group' normalises inside groups of images of the same prompt; set "
+            "sample_num_images_per_prompt >= 2",
+        )
+        per_proc = self.sample_batch_size * self.sample_num_batches_per_epoch
+        if self.train_batch_size >= 1 and per_proc >= 1:
+            if per_proc % self.train_batch_size:
+                errs.append(
+                    f"samples per epoch per process (sample_batch_size * "
+                    f"sample_num_batches_per_epoch = {per_proc}) must be divisible by "
+                    f"train_batch_size={self.train_batch_size}"
+                )
+            elif self.train_gradient_accumulation_steps >= 1 and (
+                (per_proc // self.train_batch_size) % self.train_gradient_accumulation_steps
+            ):
+                errs.append(
+                    f"{per_proc // self.train_batch_size} training micro-batches per epoch are "
+                    f"not divisible by train_gradient_accumulation_steps="
+                    f"{self.train_gradient_accumulation_steps}: an optimizer step would span "
+                    "two epochs; change train_batch_size or the accumulation steps"
+                )
+        if self.train_mode == "draft":
+            need(
+                1 <= self.draft_k <= self.sample_num_steps,
+                f"draft_k must be in [1, sample_num_steps={self.sample_num_steps}], "
+                f"got {self.draft_k}",
+            )
+        if errs:
+            raise ValueError("invalid DDPOConfig:\n  - " + "\n  - ".join(errs))
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict of every field."""
+        d = dataclasses.asdict(self)
+        d["lora_target_modules"] = list(self.lora_target_modules)
+        return d
+
+    def save(self, path: str | Path) -> None:
+        """Write the resolved config as JSON."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> DDPOConfig:
+        """Read a config written by `save`."""
+        d = json.loads(Path(path).read_text())
+        d["lora_target_modules"] = tuple(d.get("lora_target_modules", ()))
+        return cls(**d)
+
+
+# --- presets: functions that build on each other -------------------------------------------
+def base() -> DDPOConfig:
+    """trl 0.23 `DDPOConfig` defaults, with reward overlap on and per-prompt tracking."""
+    return DDPOConfig()
+
+
+def tiny_cpu() -> DDPOConfig:
+    """Offline tiny random-weight pipeline on CPU, brightness reward: seconds per epoch.
+
+    Used by tests and the benchmark; it checks the machinery, not image quality.
+    """
+    cfg = base()
+    cfg.run_name = "tiny-cpu"
+    cfg.pretrained_model = "tiny"
+    cfg.mixed_precision = "no"
+    cfg.prompt_fn = "fixed:a red cube|a blue ball|a green cone|a yellow star"
+    cfg.reward_fn = "brightness"
+    cfg.num_epochs = 4
+    cfg.save_freq = 2
+    cfg.sample_num_steps = 10
+    cfg.sample_batch_size = 4
+    cfg.sample_num_batches_per_epoch = 2
+    cfg.train_batch_size = 4
+    cfg.train_learning_rate = 3e-3
+    cfg.train_clip_range = 0.2
+    cfg.advantage_mode = "global"
+    cfg.log_with = "none"
+    return cfg
+
+
+def sd15_hyperalign() -> DDPOConfig:
+    """Stable Diffusion 1.5 with the HyperAlign reward on DDPO's simple-animals prompts.
+
+    Sizes per GPU follow ddpo-pytorch's multi-GPU runs: 32 samples per GPU per epoch
+    (4 batches of 8), train micro-batch 4, 2 accumulation steps -> 4 optimizer steps per
+    epoch; 50 DDIM steps, CFG 5, clip range 1e-4, lr 3e-4 (trl/ddpo defaults); fp16.
+    """
+    cfg = base()
+    cfg.run_name = "sd15-hyperalign"
+    cfg.pretrained_model = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    # A HyperAlign checkpoint trained with `hyperalign train` (README); override with
+    # --set reward_fn=hyperalign:<checkpoint dir or hub id>.
+    cfg.reward_fn = "hyperalign:runs/agiqa3k/split_0/best"
+    cfg.prompt_fn = "simple_animals"
+    cfg.mixed_precision = "fp16"
+    cfg.sample_batch_size = 8
+    cfg.sample_num_batches_per_epoch = 4
+    cfg.train_batch_size = 4
+    cfg.train_gradient_accumulation_steps = 2
+    cfg.advantage_mode = "per_prompt"
+    cfg.save_freq = 20
+    return cfg
+
+
+PRESETS: dict[str, typing.Callable[[], DDPOConfig]] = {
+    "base": base,
+    "tiny-cpu": tiny_cpu,
+    "sd15-hyperalign": sd15_hyperalign,
+}
+
+
+def get_preset(name: str) -> DDPOConfig:
+    """The preset called `name`; unknown names raise `ValueError` listing the valid ones."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+def _parse_value(raw: str, annotation) -> object:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and raw.lower() in ("none", "null", ""):
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _parse_value(raw, inner[0])
+    if annotation is bool:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected a boolean (true/false), got {raw!r}")
+    if annotation is int:
+        return int(raw)
+    if annotation is float:
+        return float(raw)
+    if origin is tuple:
+        return tuple(s.strip() for s in raw.split(",") if s.strip())
+    if annotation is dict or origin is dict:
+        return json.loads(raw)
+    return raw
+
+
+def apply_overrides(cfg: DDPOConfig, overrides: list[str]) -> DDPOConfig:
+    """Apply `key=value` strings to `cfg` (in place, returned), parsing by the field type.
+
+    Tuples are comma-separated; `None` clears optional fields. Unknown keys raise a
+    `ValueError` suggesting the closest field names.
+    """
+    hints = typing.get_type_hints(DDPOConfig)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if key not in hints:
+            close = difflib.get_close_matches(key, list(hints), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(f"unknown config field {key!r}{hint}")
+        try:
+            value = _parse_value(raw.strip(), hints[key])
+        except ValueError as e:
+            raise ValueError(f"bad value for {key}: {e}") from e
+        setattr(cfg, key, value)
+    return cfg

@@ -1,0 +1,204 @@
+"""Benchmark DDPO sampling and training; prints Markdown tables.
+
+    python scripts/bench_ddpo.py                       # tiny pipeline on CPU (seconds)
+    python scripts/bench_ddpo.py --model random-sd15 --device cuda --dtype fp16 \\
+        --resolution 512 --batch 8 --steps 50          # SD 1.5 size, random weights
+
+Tables:
+1. our log-prob sampler (`rlhf.sampling.sample_with_logprob`) vs diffusers'
+   `StableDiffusionPipeline.__call__` at the same steps, CFG and eta, from the same prompt
+   embeddings (goal: <= 1.10x its time); samples/s and, on CUDA, peak memory;
+2. one DDPO epoch broken down into sampling / reward / training;
+3. epoch wall time (sampling + rewards) with and without reward overlap, using a reward that
+   sleeps `--slow-reward-s` seconds per batch (a stand-in for a slow reward model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _time(fn, device: str, repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_sampler(args) -> None:
+    from rlhf.sampling import encode_prompts, sample_with_logprob
+    from rlhf.tiny import build_random_sd15_pipeline, build_tiny_pipeline
+
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    if args.model == "tiny":
+        pipe = build_tiny_pipeline(0)
+    else:
+        pipe = build_random_sd15_pipeline(0, sample_size=args.resolution // 8)
+    pipe.to(args.device, dtype)
+    size = args.resolution if args.model != "tiny" else None
+    prompts = [f"a photo of animal {i}" for i in range(args.batch)]
+    embeds = encode_prompts(pipe, prompts, args.device)
+    neg = encode_prompts(pipe, [""] * args.batch, args.device)
+
+    def ours():
+        sample_with_logprob(pipe, embeds, neg, args.steps, args.cfg, 1.0, height=size, width=size)
+
+    def diffusers_call():
+        pipe(
+            prompt_embeds=embeds,
+            negative_prompt_embeds=neg,
+            num_inference_steps=args.steps,
+            guidance_scale=args.cfg,
+            eta=1.0,
+            height=size,
+            width=size,
+            output_type="pt",
+        )
+
+    fns = {"diffusers __call__": diffusers_call, "rlhf sample_with_logprob": ours}
+    times = {name: [] for name in fns}
+    with torch.no_grad():
+        for fn in fns.values():
+            for _ in range(args.warmup):
+                fn()
+        if args.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        # Interleaved repeats: both samplers see the same machine load (shared CPUs).
+        for _ in range(args.repeats):
+            for name, fn in fns.items():
+                times[name].append(_time(fn, args.device, 1, 0))
+    mem = (
+        f"{torch.cuda.max_memory_allocated() / 2**30:.2f}"
+        if args.device.startswith("cuda")
+        else "-"
+    )
+    results = {name: statistics.median(t) for name, t in times.items()}
+    rows = [(name, t, args.batch / t, mem) for name, t in results.items()]
+    base = results["diffusers __call__"]
+    print(
+        f"\n### Sampler ({args.model}, {args.device}, {args.dtype}, batch {args.batch}, "
+        f"{args.steps} steps, CFG {args.cfg}, eta 1)\n"
+    )
+    print("| sampler | s / batch | samples/s | vs diffusers | peak GiB |")
+    print("|---|---|---|---|---|")
+    for name, t, sps, mem in rows:
+        print(f"| {name} | {t:.4f} | {sps:.2f} | {t / base:.3f}x | {mem} |")
+    print()
+
+
+def _tiny_cfg(args, run_name):
+    from rlhf.config import tiny_cpu
+
+    cfg = tiny_cpu()
+    cfg.logdir = args.logdir
+    cfg.run_name = run_name
+    cfg.save_freq = 0
+    cfg.num_epochs = 1
+    cfg.sample_num_steps = args.steps
+    cfg.sample_batch_size = args.batch
+    cfg.train_batch_size = args.batch
+    cfg.sample_num_batches_per_epoch = args.num_batches
+    if args.model != "tiny":
+        cfg.pretrained_model = "random-sd15"
+        cfg.resolution = args.resolution
+        cfg.mixed_precision = {"fp32": "no"}.get(args.dtype, args.dtype)
+    return cfg
+
+
+def bench_epoch(args) -> None:
+    from rlhf.rewards import Brightness, SlowReward
+    from rlhf.trainer import DDPOTrainer
+
+    trainer = DDPOTrainer(_tiny_cfg(args, "bench-epoch"))
+    trainer.sample_epoch(0)  # warm-up
+    samples, timings = trainer.sample_epoch(0)
+    trainer.compute_advantages(samples)
+    t0 = time.perf_counter()
+    trainer.train_ppo(samples, 0)
+    timings["time_training"] = time.perf_counter() - t0
+    total = timings["time_sampling"] + timings["time_reward_wait"] + timings["time_training"]
+    n = samples["rewards"].shape[0]
+    print(f"\n### One DDPO epoch ({n} samples, {args.steps} steps, all timesteps trained)\n")
+    print("| phase | s | share |")
+    print("|---|---|---|")
+    for key, label in (
+        ("time_sampling", "sampling (with log-probs)"),
+        ("time_reward_wait", "reward (wait after sampling)"),
+        ("time_training", "training (PPO)"),
+    ):
+        print(f"| {label} | {timings[key]:.3f} | {timings[key] / total:.0%} |")
+    print(f"| total | {total:.3f} | {n / total:.2f} samples/s |\n")
+    trainer.executor.shutdown()
+
+    rows = []
+    for overlap in (False, True):
+        cfg = _tiny_cfg(args, f"bench-overlap-{overlap}")
+        cfg.async_reward_computation = overlap
+        tr = DDPOTrainer(cfg, reward_fn=SlowReward(Brightness(), args.slow_reward_s))
+        tr.sample_epoch(0)  # warm-up
+        t0 = time.perf_counter()
+        _, tm = tr.sample_epoch(0)
+        rows.append((overlap, time.perf_counter() - t0, tm))
+        tr.executor.shutdown()
+    print(
+        f"\n### Reward overlap ({args.num_batches} batches, reward sleeps "
+        f"{args.slow_reward_s} s per batch)\n"
+    )
+    print("| rewards | sampling+reward wall s | sampling s | waiting for rewards s |")
+    print("|---|---|---|---|")
+    for overlap, wall, tm in rows:
+        label = "overlapped (thread pool)" if overlap else "sequential"
+        print(
+            f"| {label} | {wall:.3f} | {tm['time_sampling']:.3f} | {tm['time_reward_wait']:.3f} |"
+        )
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model", choices=("tiny", "random-sd15"), default="tiny")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    p.add_argument("--resolution", type=int, default=512, help="pixels (random-sd15 only)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--num-batches", type=int, default=4, help="sampling batches per epoch")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg", type=float, default=5.0)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--slow-reward-s", type=float, default=0.2)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--logdir", default="/tmp/bench_ddpo")
+    p.add_argument("--skip-epoch", action="store_true", help="only the sampler table")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else "-"
+    print(
+        f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{args.threads} CPU thread(s), GPU {gpu}"
+    )
+    bench_sampler(args)
+    if not args.skip_epoch:
+        bench_epoch(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

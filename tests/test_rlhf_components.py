@@ -1,0 +1,128 @@
+"""Advantages, reward contract checks, reward/prompt registries (rlhf.stat_tracking,
+rlhf.rewards, rlhf.prompts)."""
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rlhf.prompts import SIMPLE_ANIMALS, FixedPrompts, check_prompt_fn, get_prompt_fn
+from rlhf.rewards import Brightness, RewardError, SlowReward, check_reward_output, get_reward
+from rlhf.stat_tracking import (
+    PerPromptStatTracker,
+    compute_advantages,
+    global_advantages,
+    group_advantages,
+)
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def test_global_advantages_are_standardised():
+    adv = global_advantages(np.array([1.0, 2.0, 3.0, 4.0]))
+    assert abs(adv.mean()) < 1e-6 and abs(adv.std() - 1) < 1e-4
+
+
+def test_group_advantages_normalise_inside_each_prompt():
+    prompts = ["a", "a", "b", "b", "c"]
+    adv = group_advantages(np.array([1.0, 3.0, 100.0, 102.0, 7.0]), prompts)
+    np.testing.assert_allclose(adv[:4], [-1, 1, -1, 1], atol=1e-4)
+    assert adv[4] == 0  # a group of one carries no relative information
+
+
+def test_per_prompt_tracker_uses_batch_stats_until_min_count():
+    tr = PerPromptStatTracker(buffer_size=4, min_count=3)
+    r1 = np.array([0.0, 10.0, 1.0, 11.0])
+    adv1 = tr.update(["a", "b", "a", "b"], r1)  # 2 per prompt < 3: batch statistics
+    np.testing.assert_allclose(adv1, (r1 - r1.mean()) / (r1.std() + 1e-6), rtol=1e-5)
+    adv2 = tr.update(["a", "b"], np.array([2.0, 12.0]))  # 3 each: per-prompt statistics
+    np.testing.assert_allclose(
+        adv2, [(2 - 1) / np.std([0, 1, 2]), (12 - 11) / np.std([10, 11, 12])], rtol=1e-4
+    )
+    tr.update(["a"] * 3, np.array([5.0, 5.0, 5.0]))
+    assert list(tr.buffers["a"]) == [2.0, 5.0, 5.0, 5.0]  # bounded buffer keeps the newest
+
+
+def test_tracker_state_round_trip_and_pickle():
+    tr = PerPromptStatTracker(2, 1)
+    tr.update(["x", "y"], np.array([1.0, 2.0]))
+    other = PerPromptStatTracker()
+    other.load_state_dict(pickle.loads(pickle.dumps(tr.state_dict())))
+    assert other.state_dict() == tr.state_dict()
+    a = tr.update(["x"], np.array([3.0]))
+    b = other.update(["x"], np.array([3.0]))
+    np.testing.assert_array_equal(a, b)
+
+
+def test_compute_advantages_clips_and_rejects_unknown_modes():
+    adv = compute_advantages("global", np.array([0.0] * 99 + [1.0]), ["p"] * 100, clip=5.0)
+    assert adv.max() == 5.0
+    with pytest.raises(ValueError, match="per_prompt, group, global"):
+        compute_advantages("nope", np.zeros(2), ["a", "b"])
+
+
+def test_brightness_contract_and_differentiable_score():
+    images = torch.rand(3, 3, 8, 8, requires_grad=True)
+    rewards, info = Brightness()(images, ["a"] * 3, [{}] * 3)
+    assert rewards.dtype == torch.float32 and rewards.shape == (3,)
+    assert info["brightness"] == pytest.approx(rewards.tolist())
+    Brightness().score(images).sum().backward()
+    assert images.grad is not None
+    assert pickle.loads(pickle.dumps(SlowReward(Brightness(), 0.01)))(images, ["a"] * 3, [{}] * 3)
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        ((torch.zeros(2), {}), r"shape \(2,\)"),
+        ((torch.tensor([0.0, float("nan"), 1.0]), {}), "non-finite rewards at indices \\[1\\]"),
+        (torch.zeros(3), "must return \\(rewards, info\\)"),
+        ((torch.zeros(3), {"k": [1]}), "info\\['k'\\]"),
+    ],
+)
+def test_reward_output_errors_name_reward_and_batch(out, message):
+    with pytest.raises(RewardError, match=message) as e:
+        check_reward_output(out, 3, "cpu", "MyReward", "epoch 2, batch 1")
+    assert "MyReward" in str(e.value) and "epoch 2, batch 1" in str(e.value)
+
+
+def test_reward_output_accepts_numpy_and_lists():
+    r, info = check_reward_output((np.array([1, 2, 3]), {"x": np.ones(3)}), 3, "cpu", "R", "")
+    assert r.dtype == torch.float32 and info["x"] == [1.0, 1.0, 1.0]
+
+
+def test_reward_registry():
+    assert isinstance(get_reward("brightness"), Brightness)
+    with pytest.raises(ValueError, match="hyperalign:<name_or_path>"):
+        get_reward("aesthetic")
+
+
+def test_prompt_functions():
+    fn = get_prompt_fn("fixed:a red cube| a blue ball ")
+    assert fn.prompts == ["a red cube", "a blue ball"]
+    check_prompt_fn(fn)
+    prompt, meta = get_prompt_fn("simple_animals_photo")()
+    assert prompt.startswith("a photo of a ") and "index" in meta
+    pickle.dumps(fn)
+    with pytest.raises(ValueError, match="file:<path>"):
+        get_prompt_fn("animals")
+    with pytest.raises(FileNotFoundError):
+        get_prompt_fn("file:/does/not/exist.txt")
+    with pytest.raises(TypeError, match=r"must return \(prompt: str, metadata: dict\)"):
+        check_prompt_fn(lambda: "just a string")
+    with pytest.raises(ValueError):
+        FixedPrompts([])
+
+
+def test_prompt_file(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("# comment\n\na cat\na dog\n")
+    assert sorted(get_prompt_fn(f"file:{f}").prompts) == ["a cat", "a dog"]
+
+
+@pytest.mark.skipif(not (SHARED / "prompts").is_dir(), reason="shared data not present")
+def test_simple_animals_match_shared_file():
+    names = (SHARED / "prompts" / "simple_animals.txt").read_text().split()
+    assert tuple(names) == SIMPLE_ANIMALS
