@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup test test-slow lint format bench clean
+.PHONY: setup demo test test-slow lint format bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 setup: $(STAMP)  ## create .venv and install the project with its dev extra
+
+demo: $(STAMP)  ## the main job: DDPO + HyperAlign on the shapes world, judged by an oracle
+	$(VENV)/bin/accelerate launch --cpu --num_processes 1 --num_machines 1 \
+		--mixed_precision no --dynamo_backend no -m rlhf.demo --out runs/demo $(DEMO_ARGS)
 
 test: $(STAMP)  ## the offline CPU test suite (slow tests excluded)
 	$(PY) -m pytest -q

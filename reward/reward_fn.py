@@ -286,3 +286,26 @@ class WeightedReward:
                 total = total + weight * rewards.to(total.device)
         device = images.device if isinstance(images, Tensor) else total.device
         return total.to(device), info
+
+    def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        """Differentiable weighted sum of the critics' ``score(images, prompts)``.
+
+        Critics with weight 0 (logged, not optimised) are skipped; every other critic must
+        have a differentiable ``score`` method.
+        """
+        total = None
+        for name, (fn, weight) in self.critics.items():
+            if weight == 0:
+                continue
+            if not callable(getattr(fn, "score", None)):
+                raise TypeError(
+                    f"reward critic {name!r} has no differentiable score(images, prompts); "
+                    "give it weight 0 or use the plain call"
+                )
+            s = fn.score(images, prompts).float()
+            if self.standardize:
+                s = (s - s.mean()) / s.std().clamp(min=1e-6)
+            total = weight * s if total is None else total + weight * s
+        if total is None:
+            raise ValueError("WeightedReward.score: every critic has weight 0")
+        return total

@@ -294,6 +294,7 @@ class DDPOTrainer:
 
     def save_checkpoint(self) -> Path:
         """Save LoRA, optimizer, stat tracker, RNG states and epoch; called on all ranks.
+        `lora/` inside holds the LoRA in the diffusers format (`pipe.load_lora_weights`).
 
         Written to a temporary directory first and renamed when complete, so a crash never
         leaves a half-written `checkpoint_<epoch>`.
@@ -310,6 +311,9 @@ class DDPOTrainer:
         acc.wait_for_everyone()
         if acc.is_main_process:
             self.config.save(tmp / "config.json")
+            # The same LoRA in the diffusers format, so `hyperalign evaluate --lora` and
+            # `pipe.load_lora_weights` can compare the epochs of a run.
+            save_lora_diffusers(self.unet, tmp / "lora")
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)

@@ -193,6 +193,17 @@ def test_weighted_reward(reward_fn):
         WeightedReward({"nan": (_Const(float("nan")), 1.0)})(images, PROMPTS)
 
 
+def test_weighted_reward_differentiable_score(reward_fn):
+    images = _images(b=2).requires_grad_(True)
+    combo = WeightedReward({"h": (reward_fn, 2.0), "logged": (_Const(1.0), 0.0)})
+    scores = combo.score(images, PROMPTS[:2])
+    torch.testing.assert_close(scores, 2.0 * reward_fn.score(images, PROMPTS[:2]))
+    scores.sum().backward()
+    assert images.grad.abs().sum() > 0
+    with pytest.raises(TypeError, match="critic 'c' has no differentiable score"):
+        WeightedReward({"c": (_Const(1.0), 1.0)}).score(images, PROMPTS[:2])
+
+
 def test_cli_score_table_and_json(shared_data, capsys):
     files = sorted(str(p) for p in (shared_data / "samples" / "imagereward").glob("*.webp"))
     prompt = json.loads((shared_data / "samples" / "imagereward" / "samples.json").read_text())[

@@ -92,6 +92,8 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     hist_full = full.train()
     ckpt = tmp_path / "full" / "checkpoints" / "checkpoint_00002"
     assert (ckpt / LORA_CHECKPOINT_FILE).is_file() and (ckpt / "config.json").is_file()
+    # Every checkpoint also holds the LoRA in the diffusers format (for hyperalign evaluate).
+    assert (ckpt / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert not list((tmp_path / "full" / "checkpoints").glob(".tmp*"))  # atomic: no leftovers
 
     resumed = DDPOTrainer(_cfg(tmp_path, "num_epochs=3", f"resume_from={ckpt}", name="resumed"))
