@@ -132,7 +132,9 @@ def test_loss_weights_from_config(tiny_model):
     with_ent, parts = hyperalign_loss(out, target, tiny_config(ent_weight=0.2))
     without, parts0 = hyperalign_loss(out, target, tiny_config(ent_weight=0.0))
     assert "loss_ent" in parts and "loss_ent" not in parts0
-    assert float(with_ent.detach()) == pytest.approx(parts["loss_reg"] + 0.2 * parts["loss_ent"], rel=1e-5)
+    assert float(with_ent.detach()) == pytest.approx(
+        parts["loss_reg"] + 0.2 * parts["loss_ent"], rel=1e-5
+    )
     assert float(without) == pytest.approx(parts0["loss_reg"], rel=1e-6)
 
 
