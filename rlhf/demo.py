@@ -216,6 +216,14 @@ def run(args: argparse.Namespace) -> int:
             "pearson": float(stats.pearsonr(both_h, both_o)[0]),
             "spearman": float(stats.spearmanr(both_h, both_o)[0]),
         },
+        "per_image": {
+            "prompt": eval_prompts,
+            "seed": eval_seeds,
+            "reward_before": hyper_b.tolist(),
+            "reward_after": hyper_a.tolist(),
+            "oracle_before": oracle_b.tolist(),
+            "oracle_after": oracle_a.tolist(),
+        },
         "history": history,
         "time_s": {
             "eval_once": t_eval,

@@ -37,6 +37,7 @@ def test_one_epoch_demo_writes_the_report(tmp_path, capsys):
             stat = m[when][what]
             assert stat["n"] == 6 and stat["ci95"][0] <= stat["mean"] <= stat["ci95"][1]
             assert 0.0 <= m[when]["oracle"]["mean"] <= 1.0
+    assert len(m["per_image"]["oracle_after"]) == 6
     assert len(m["history"]) == 1 and "reward_info/oracle_mean" in m["history"][0]
     assert "oracle after − before (paired)" in capsys.readouterr().out
 
