@@ -77,9 +77,15 @@ def _drawbench(limit: int | None, seed: int) -> list[PromptItem]:
 
 
 def _shapes(limit: int | None, seed: int) -> list[PromptItem]:
-    from reward.shapes.prompts import sample_prompt
+    """The shipped shapes pipeline's held-out prompts (never used to train it), else a
+    seeded sample of the grammar."""
+    from reward.shapes.prompts import parse_prompt, sample_prompt
 
-    rng = np.random.default_rng(10_000 + seed)  # held-out stream, not the training seeds
+    held = Path(__file__).resolve().parent / "assets" / "shapes-sd" / "heldout_prompts.json"
+    if held.is_file():
+        texts = json.loads(held.read_text())
+        return [PromptItem(t, _shapes_category(parse_prompt(t))) for t in texts]
+    rng = np.random.default_rng(10_000 + seed)
     items, seen = [], set()
     while len(items) < (limit or 32):
         spec = sample_prompt(rng)
@@ -101,7 +107,7 @@ PROMPT_SETS = {
     "animals": (_animals, "DDPO's 45 animals as 'a photo of a {animal}'"),
     "parti": (_parti, "PartiPrompts (1,632 prompts, with categories)"),
     "drawbench": (_drawbench, "DrawBench (bring the CSV: --prompts file.csv)"),
-    "shapes": (_shapes, "held-out shapes-world prompts (seeded)"),
+    "shapes": (_shapes, "shapes-world prompts held out from the shipped pipeline"),
 }
 
 
@@ -200,6 +206,8 @@ def _checkpoint_names(loras: Sequence[str], with_base: bool) -> list[tuple[str, 
     for lora in loras:
         p = Path(lora).resolve()
         name = p.name if p.is_dir() else p.stem
+        if name in ("lora", "pytorch_lora_weights"):  # a run's lora/ or checkpoint_N/lora/
+            name = (p if p.is_dir() else p.parent).parent.name
         if name in used:
             name = f"{p.parent.name}-{name}"
         used.add(name)

@@ -133,3 +133,25 @@ def test_bootstrap_interval_contains_mean():
     assert lo < mean < hi and mean == pytest.approx(x.mean())
     # Width close to the normal-theory 95 % interval.
     assert (hi - lo) == pytest.approx(2 * 1.96 * x.std() / np.sqrt(x.size), rel=0.15)
+
+
+def test_checkpoint_names_of_a_run(tmp_path):
+    for sub in ("run/checkpoints/checkpoint_00008/lora", "run/lora", "other/lora"):
+        (tmp_path / sub).mkdir(parents=True)
+    names = ce._checkpoint_names(
+        [str(tmp_path / "run/checkpoints/checkpoint_00008/lora"), str(tmp_path / "run/lora"),
+         str(tmp_path / "other/lora")],
+        with_base=True,
+    )  # fmt: skip
+    assert [n for n, _ in names] == ["base", "checkpoint_00008", "run", "other"]
+
+
+def test_shapes_prompt_set_is_held_out_from_the_shipped_pipeline():
+    from rlhf.demo import DEFAULT_PIPELINE
+
+    if not (DEFAULT_PIPELINE / "heldout_prompts.json").is_file():
+        pytest.skip("shipped shapes pipeline not built")
+    held = set(json.loads((DEFAULT_PIPELINE / "heldout_prompts.json").read_text()))
+    items = ce.load_prompt_set("shapes", limit=10)
+    assert len(items) == 10 and {it.prompt for it in items} <= held
+    assert {it.category for it in items} <= {"single", "multi", "count", "relation"}
