@@ -32,7 +32,7 @@ TINY_TEXT_HIDDEN = 16
 TINY_MAX_LENGTH = 16
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """The GPT-2 / CLIP byte -> printable unicode character table (a documented standard)."""
     printable = (
         list(range(ord("!"), ord("~") + 1))
@@ -53,7 +53,7 @@ def build_tiny_tokenizer(max_length: int = TINY_MAX_LENGTH):
     """A `CLIPTokenizer` over single bytes (vocab 514 + 2 specials), built offline."""
     from transformers import CLIPTokenizer
 
-    symbols = list(_bytes_to_unicode().values())
+    symbols = list(bytes_to_unicode().values())
     # CLIP's BPE marks the last symbol of a word with "</w>"; a vocab that holds both forms
     # of every byte encodes any text without merges.
     vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}

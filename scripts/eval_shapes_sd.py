@@ -36,28 +36,16 @@ from reward.shapes.oracle import oracle_alignment_batch, oracle_facts
 from reward.shapes.perturb import faithful_scene
 from reward.shapes.prompts import parse_prompt, sample_prompt
 from reward.shapes.world import RenderConfig, render, to_tensor
+from rlhf.checkpoint_eval import bootstrap_ci
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PIPELINE = REPO / "rlhf" / "assets" / "shapes-sd"
 
 
-def bootstrap_ci(
-    values: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``values`` (resampling items)."""
-    values = np.asarray(values, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(values), size=(n_boot, len(values)))  # (n_boot, n)
-    means = values[idx].mean(axis=1)  # (n_boot,)
-    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(lo), float(hi)
-
-
 def summary(values, seed: int) -> dict:
     """Mean, bootstrap 95 % interval and count of per-prompt scores."""
-    v = np.asarray(values, dtype=np.float64)
-    lo, hi = bootstrap_ci(v, seed=seed)
-    return {"mean": float(v.mean()), "ci95": [lo, hi], "n": int(v.size)}
+    mean, lo, hi = bootstrap_ci(values, seed=seed)
+    return {"mean": mean, "ci95": [lo, hi], "n": len(values)}
 
 
 def load_pipeline(path: Path):

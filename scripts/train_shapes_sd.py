@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from reward.shapes.perturb import faithful_scene
 from reward.shapes.prompts import NUMBER_WORDS, PromptSampler, sample_prompt
 from reward.shapes.world import COLORS, RELATIONS, SHAPES, SIZES, RenderConfig, render
+from rlhf.tiny import bytes_to_unicode
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "rlhf" / "assets" / "shapes-sd"
@@ -139,23 +140,6 @@ def grammar_words() -> list[str]:
     return sorted(words)
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """The GPT-2 / CLIP byte -> printable character table (a published standard)."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    chars = printable[:]
-    n = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + n)
-            n += 1
-    return dict(zip(printable, [chr(c) for c in chars]))
-
-
 def learn_merges(words: list[str]) -> list[tuple[str, str]]:
     """Greedy BPE on ``words`` (each counted once) until every word is a single symbol.
 
@@ -192,7 +176,7 @@ def build_shapes_tokenizer(max_length: int):
 
     words = grammar_words()
     merges = learn_merges(words)
-    symbols = list(_bytes_to_unicode().values())
+    symbols = list(bytes_to_unicode().values())
     vocab: dict[str, int] = {}
     for s in symbols + [s + "</w>" for s in symbols] + [a + b for a, b in merges]:
         vocab.setdefault(s, len(vocab))
