@@ -73,7 +73,8 @@ def _cached_tag_weights(arch: str, tag: str) -> str | None:
     hub = cfg.get("hf_hub", "")
     if not hub:
         return None
-    repo, filename = os.path.split(hub.rstrip("/")) if not hub.endswith("/") else (hub[:-1], "")
+    # open_clip writes "org/repo/" (default file name) or "org/repo/file.bin".
+    repo, filename = (hub.rstrip("/"), "") if hub.endswith("/") else os.path.split(hub)
     names = [filename] if filename else []
     names += ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
     for name in names:
