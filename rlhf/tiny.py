@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 
 __all__ = [
+    "assemble_pipeline",
+    "sd15_ddim_scheduler",
     "build_tiny_pipeline",
     "build_random_sd15_pipeline",
     "build_tiny_tokenizer",
@@ -66,6 +68,40 @@ def build_tiny_tokenizer(max_length: int = TINY_MAX_LENGTH):
     return tokenizer
 
 
+def sd15_ddim_scheduler():
+    """A `DDIMScheduler` with Stable Diffusion 1.5's noise schedule (scaled-linear betas
+    0.00085..0.012, `set_alpha_to_one=False`, `steps_offset=1`)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def assemble_pipeline(unet, vae, text_encoder, tokenizer, scheduler=None):
+    """A `StableDiffusionPipeline` from its parts (eval mode, no safety checker, quiet)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=scheduler if scheduler is not None else sd15_ddim_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def build_tiny_pipeline(seed: int = 0, sample_size: int = 8):
     """Build a tiny random-weight `StableDiffusionPipeline` on CPU in fp32.
 
@@ -81,8 +117,6 @@ def build_tiny_pipeline(seed: int = 0, sample_size: int = 8):
     """
     from diffusers import (
         AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionPipeline,
         UNet2DConditionModel,
     )
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -127,27 +161,7 @@ def build_tiny_pipeline(seed: int = 0, sample_size: int = 8):
                 pad_token_id=tokenizer.pad_token_id,
             )
         )
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        unet=unet.eval(),
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return assemble_pipeline(unet, vae, text_encoder, tokenizer)
 
 
 def build_random_sd15_pipeline(seed: int = 0, sample_size: int = 64):
@@ -160,8 +174,6 @@ def build_random_sd15_pipeline(seed: int = 0, sample_size: int = 64):
     """
     from diffusers import (
         AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionPipeline,
         UNet2DConditionModel,
     )
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -205,24 +217,4 @@ def build_random_sd15_pipeline(seed: int = 0, sample_size: int = 64):
                 pad_token_id=tokenizer.pad_token_id,
             )
         )
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        unet=unet.eval(),
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return assemble_pipeline(unet, vae, text_encoder, tokenizer)

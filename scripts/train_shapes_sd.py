@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from reward.shapes.perturb import faithful_scene
 from reward.shapes.prompts import NUMBER_WORDS, PromptSampler, sample_prompt
 from reward.shapes.world import COLORS, RELATIONS, SHAPES, SIZES, RenderConfig, render
-from rlhf.tiny import bytes_to_unicode
+from rlhf.tiny import assemble_pipeline, bytes_to_unicode, sd15_ddim_scheduler
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "rlhf" / "assets" / "shapes-sd"
@@ -242,7 +242,7 @@ def to_model_range(images_u8: np.ndarray) -> torch.Tensor:
 
 def build_models(cfg: TrainConfig, tokenizer):
     """Fresh (vae, unet, text_encoder, scheduler) from ``cfg`` (fp32, CPU)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     for w in cfg.vae_channels:
@@ -294,17 +294,8 @@ def build_models(cfg: TrainConfig, tokenizer):
             pad_token_id=tokenizer.pad_token_id,
         )
     )
-    # SD 1.5's noise schedule (also rlhf/tiny.py's); training noises with these alphas.
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="epsilon",
-    )
+    # SD 1.5's noise schedule (epsilon prediction); training noises with these alphas.
+    scheduler = sd15_ddim_scheduler()
     return vae, unet, text_encoder, scheduler
 
 
@@ -490,25 +481,12 @@ def train_unet(
 # ----------------------------------------------------------------------------- saving
 
 
-def assemble_pipeline(vae, unet, text_encoder, tokenizer, scheduler, ema: EMA | None):
+def pipeline_with_ema(vae, unet, text_encoder, tokenizer, scheduler, ema: EMA | None):
     """A ``StableDiffusionPipeline`` of copies of the modules, with the EMA weights if given."""
-    from diffusers import StableDiffusionPipeline
-
     unet_s, text_s = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     if ema is not None:
         ema.copy_to(list(unet_s.parameters()) + list(text_s.parameters()))
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_s,
-        tokenizer=tokenizer,
-        unet=unet_s,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return assemble_pipeline(unet_s, vae, text_s, tokenizer, scheduler)
 
 
 def save_atomic(pipe, out_dir: Path, extra_files: dict[str, str]) -> None:
@@ -610,14 +588,14 @@ def main(argv=None) -> int:
 
     def on_step(step: int, ema: EMA) -> None:
         if args.snapshot_dir is not None and (step + 1) % args.snapshot_every == 0:
-            snap = assemble_pipeline(vae, unet, text_encoder, tokenizer, scheduler, ema)
+            snap = pipeline_with_ema(vae, unet, text_encoder, tokenizer, scheduler, ema)
             save_atomic(snap, args.snapshot_dir, {"heldout_prompts.json": json.dumps(held)})
             log(f"snapshot at step {step + 1} -> {args.snapshot_dir}")
 
     unet_stats, ema = train_unet(
         unet, text_encoder, scheduler, latents, ids, empty_ids, cfg, gen, on_step
     )
-    pipe = assemble_pipeline(vae, unet, text_encoder, tokenizer, scheduler, ema)
+    pipe = pipeline_with_ema(vae, unet, text_encoder, tokenizer, scheduler, ema)
     total = time.time() - t_start
     report = {
         "config": dataclasses.asdict(cfg),
