@@ -31,7 +31,8 @@ __all__ = [
     "apply_overrides",
 ]
 
-ADVANTAGE_MODES = ("per_prompt", "group", "global")
+ADVANTAGE_MODES = ("per_prompt", "group", "group_centered", "global")
+TIMESTEP_SELECTIONS = ("random", "early")
 TRAIN_MODES = ("ppo", "draft")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 
@@ -146,7 +147,14 @@ class DDPOConfig:
     train_clip_range: float = 1e-4
     """PPO clip range epsilon for the ratio."""
     train_timestep_fraction: float = 1.0
-    """Fraction of each trajectory's (shuffled) timesteps trained on."""
+    """Fraction of each trajectory's timesteps trained on (which ones: `train_timestep_selection`)."""
+    train_timestep_selection: str = "random"
+    """"random": a random subset of all steps, drawn per sample (DDPO). "early": the first
+    `num_train_timesteps` steps of the trajectory (the noisiest, where layout, colours and
+    counts are decided), in random order. The last DDIM steps have a tiny std (eta 1, 20
+    steps: 0.04 and 0.02 against 0.4-0.64 early on), so their log-probs move ~10x more per unit
+    of parameter change; drawn at random they dominate the clipped gradient with changes to
+    fine detail (BENCHMARKS.md, "The main job")."""
     train_kl_coef: float = 0.0
     """Weight of the KL penalty to the adapter-disabled (reference) model; 0 disables it
     (saves one UNet forward per step)."""
@@ -156,7 +164,8 @@ class DDPOConfig:
     # --- advantages -----------------------------------------------------------------------
     advantage_mode: str = "per_prompt"
     """"per_prompt" (DDPO stat tracking), "group" (normalise inside each prompt's group in
-    this epoch) or "global" (normalise over the epoch)."""
+    this epoch), "group_centered" (subtract the group mean, one std for the whole epoch: near-
+    ties stay small) or "global" (normalise over the epoch)."""
     per_prompt_stat_tracking_buffer_size: int = 16
     """Rewards remembered per prompt for per-prompt tracking."""
     per_prompt_stat_tracking_min_count: int = 16
@@ -227,6 +236,11 @@ class DDPOConfig:
                 f"{self.train_timestep_fraction} trains on 0 timesteps; raise either",
             )
         need(self.train_clip_range > 0, "train_clip_range must be > 0")
+        need(
+            self.train_timestep_selection in TIMESTEP_SELECTIONS,
+            f"train_timestep_selection must be one of {TIMESTEP_SELECTIONS}, "
+            f"got {self.train_timestep_selection!r}",
+        )
         need(self.train_adv_clip_max > 0, "train_adv_clip_max must be > 0")
         need(self.train_max_grad_norm > 0, "train_max_grad_norm must be > 0")
         need(self.train_learning_rate > 0, "train_learning_rate must be > 0")
@@ -258,8 +272,10 @@ class DDPOConfig:
                 f"sample_batch_size={self.sample_batch_size}",
             )
         need(
-            self.advantage_mode != "group" or self.sample_num_images_per_prompt >= 2,
-            "advantage_mode='group' normalises inside groups of images of the same prompt; set "
+            self.advantage_mode not in ("group", "group_centered")
+            or self.sample_num_images_per_prompt >= 2,
+            f"advantage_mode={self.advantage_mode!r} normalises inside groups of images of the "
+            "same prompt; set "
             "sample_num_images_per_prompt >= 2",
         )
         per_proc = self.sample_batch_size * self.sample_num_batches_per_epoch

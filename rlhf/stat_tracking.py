@@ -10,7 +10,13 @@ from collections import deque
 
 import numpy as np
 
-__all__ = ["PerPromptStatTracker", "group_advantages", "global_advantages", "compute_advantages"]
+__all__ = [
+    "PerPromptStatTracker",
+    "group_advantages",
+    "group_centered_advantages",
+    "global_advantages",
+    "compute_advantages",
+]
 
 # Added to standard deviations before dividing: a prompt whose rewards are all equal gets
 # advantage 0 instead of a division by zero (same constant as ddpo-pytorch's tracker).
@@ -34,6 +40,22 @@ def group_advantages(rewards: np.ndarray, prompts: list[str]) -> np.ndarray:
         r = rewards[idx]
         out[idx] = (r - r.mean()) / (r.std() + STD_EPS) if r.size > 1 else 0.0
     return out.astype(np.float32)
+
+
+def group_centered_advantages(rewards: np.ndarray, prompts: list[str]) -> np.ndarray:
+    """Centre each reward on its prompt group's mean, then divide by the standard deviation
+    of all centred rewards of the batch (one scale for everyone). Unlike `group_advantages`,
+    a group whose rewards barely differ gets small advantages instead of unit-variance ones:
+    the per-group std division blows ties and reward noise up to full-size signals (the
+    bias Dr. GRPO removes; Liu et al. 2025, "Understanding R1-Zero-Like Training").
+    A group of one gets advantage 0."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    prompts_arr = np.asarray(prompts, dtype=object)
+    centred = np.zeros_like(rewards)
+    for p in dict.fromkeys(prompts):
+        idx = prompts_arr == p
+        centred[idx] = rewards[idx] - rewards[idx].mean() if idx.sum() > 1 else 0.0
+    return (centred / (np.sqrt((centred**2).mean()) + STD_EPS)).astype(np.float32)
 
 
 class PerPromptStatTracker:
@@ -95,17 +117,21 @@ def compute_advantages(
     tracker: PerPromptStatTracker | None = None,
     clip: float | None = None,
 ) -> np.ndarray:
-    """Advantages (N,) for `mode` in {"per_prompt", "group", "global"}, clipped to +-clip."""
+    """Advantages (N,) for `mode` in {"per_prompt", "group", "group_centered", "global"}, clipped to +-clip."""
     if mode == "per_prompt":
         if tracker is None:
             raise ValueError("advantage mode 'per_prompt' needs a PerPromptStatTracker")
         adv = tracker.update(prompts, rewards)
     elif mode == "group":
         adv = group_advantages(rewards, prompts)
+    elif mode == "group_centered":
+        adv = group_centered_advantages(rewards, prompts)
     elif mode == "global":
         adv = global_advantages(rewards)
     else:
-        raise ValueError(f"unknown advantage mode {mode!r}; valid: per_prompt, group, global")
+        raise ValueError(
+            f"unknown advantage mode {mode!r}; valid: per_prompt, group, group_centered, global"
+        )
     if clip is not None:
         adv = np.clip(adv, -clip, clip)
     return adv

@@ -552,8 +552,25 @@ class DDPOTrainer:
                 for k, v in samples.items()
                 if k in keys + ("prompt_embeds", "negative_prompt_embeds", "advantages")
             }
-            # An independent timestep order per sample: (N, T) indices.
-            order = torch.stack([torch.randperm(num_steps, device=self.device) for _ in range(n)])
+            # An independent timestep order per sample: (N, T) indices; the first
+            # num_train_timesteps columns are trained.
+            if cfg.train_timestep_selection == "early":
+                k = cfg.num_train_timesteps
+                order = torch.stack(
+                    [
+                        torch.cat(
+                            [
+                                torch.randperm(k, device=self.device),
+                                torch.arange(k, num_steps, device=self.device),
+                            ]
+                        )
+                        for _ in range(n)
+                    ]
+                )
+            else:
+                order = torch.stack(
+                    [torch.randperm(num_steps, device=self.device) for _ in range(n)]
+                )
             rows = torch.arange(n, device=self.device)[:, None]  # (N, 1)
             for k in keys:
                 s[k] = s[k][rows, order]  # (N, T, ...)

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from reward.backbone import load_backbone
-from reward.shapes.perturb import faithful_scene
+from reward.shapes.perturb import KINDS, faithful_scene, perturb
 from reward.shapes.prompts import Entity, PromptSampler, PromptSpec, Relation, sample_prompt
 from reward.shapes.world import COLORS, RELATIONS, SHAPES, SIZES, RenderConfig, render, to_tensor
 
@@ -67,6 +67,13 @@ class ClipTrainConfig:
     """One-word-edit negative captions per pair (NegCLIP-style; 0 = plain CLIP loss). Measured
     at 600 steps: 1 or 3 did not make the towers shape- or relation-aware (held-out hard@1
     0.475 / 0.485 vs 0.545 without), so the shipped CLIP uses 0."""
+    hard_negative_images: float = 0.0
+    """Image-side hard negatives per pair: that many (in expectation; 1.0 = one each) scenes
+    made from the pair's faithful scene by one perturbation of ``reward.shapes.perturb`` (shape
+    swap, relation flip, extra object, ...), added as negative *images* for the captions. They
+    force the image tower to see what the captions say beyond colour."""
+    init: str = ""
+    """Start from these ``shapes-clip`` weights (a .safetensors file) instead of a random init."""
     warmup_steps: int = 50
     """Linear warm-up steps."""
     weight_decay: float = 0.05
@@ -108,6 +115,29 @@ def render_batch(
     """One faithful scene per prompt -> float tensor ``(B, 3, S, S)`` in [0, 1]."""
     cfg = RenderConfig(image_size=image_size)
     return to_tensor(np.stack([render(faithful_scene(s, rng), cfg) for s in specs]))
+
+
+def scenes_and_negatives(
+    specs: list[PromptSpec], rng: np.random.Generator, image_size: int, rate: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One faithful scene per prompt ``(B, 3, S, S)``, and image-side hard negatives
+    ``(M, 3, S, S)``: for each prompt with probability ``rate`` (more than one when
+    ``rate > 1``), its faithful scene changed by one random applicable perturbation kind."""
+    cfg = RenderConfig(image_size=image_size)
+    pos, neg = [], []
+    for spec in specs:
+        scene = faithful_scene(spec, rng)
+        pos.append(render(scene, cfg))
+        n = int(rate) + int(rng.random() < rate - int(rate))
+        for kind in rng.permutation(KINDS)[: 2 * n]:
+            if n == 0:
+                break
+            p = perturb(spec, scene, str(kind), rng)
+            if p is not None:
+                neg.append(render(p.scene, cfg))
+                n -= 1
+    empty = torch.zeros(0, 3, image_size, image_size)
+    return to_tensor(np.stack(pos)), (to_tensor(np.stack(neg)) if neg else empty)
 
 
 def hard_negatives(spec: PromptSpec, rng: np.random.Generator, n: int = 4) -> list[str]:
@@ -187,8 +217,23 @@ def evaluate(enc: Encoder, cfg: ClipTrainConfig) -> dict[str, float]:
             continue
         f_c = enc.texts([spec.text, *negs])  # (1 + n, D)
         hard_ok.append(int((f_c @ f_i[k]).argmax()) == 0)
+    # Image side: does the caption prefer its faithful scene to each one-perturbation variant?
+    prng = np.random.default_rng([cfg.seed, 98])
+    wins: dict[str, list[bool]] = {k: [] for k in KINDS}
+    for spec in specs[:100]:
+        scene = faithful_scene(spec, prng)
+        variants = [(k, perturb(spec, scene, k, prng)) for k in KINDS]
+        variants = [(k, v) for k, v in variants if v is not None]
+        imgs = [render(scene, RenderConfig(image_size=cfg.image_size))] + [
+            render(v.scene, RenderConfig(image_size=cfg.image_size)) for _, v in variants
+        ]
+        sims = enc.images(to_tensor(np.stack(imgs))) @ enc.texts([spec.text])[0]
+        for j, (k, _) in enumerate(variants):
+            wins[k].append(bool(sims[0] > sims[j + 1]))
     enc.b.model.train()
     return {
+        "img_pair": float(np.mean([w for v in wins.values() for w in v])),
+        **{f"img_pair_{k}": float(np.mean(v)) for k, v in wins.items() if v},
         "i2t@1": i2t,
         "t2i@1": t2i,
         "hard@1": float(np.mean(hard_ok)),
@@ -208,7 +253,7 @@ def train(cfg: ClipTrainConfig, out: Path | None) -> dict:
     """Train, evaluate, save (when ``out`` is given); returns the metrics and the weights."""
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    backbone = load_backbone(ARCH, None)
+    backbone = load_backbone(ARCH, cfg.init or None)
     model = backbone.model.train()
     enc = Encoder(backbone)
     n_params = sum(p.numel() for p in model.parameters())
@@ -241,7 +286,13 @@ def train(cfg: ClipTrainConfig, out: Path | None) -> dict:
             g["lr"] = _lr_at(step, cfg)
         specs = sample_specs(rng, cfg.batch_size, heldout=False)
         texts = [s.text for s in specs]
-        images = render_batch(specs, rng, cfg.image_size)
+        if cfg.hard_negative_images > 0:
+            images, neg_images = scenes_and_negatives(
+                specs, rng, cfg.image_size, cfg.hard_negative_images
+            )
+        else:
+            images = render_batch(specs, rng, cfg.image_size)
+            neg_images = None
         # NegCLIP-style hard negatives: one-word edits of each caption (never held-out texts).
         negs = [
             t
@@ -249,7 +300,9 @@ def train(cfg: ClipTrainConfig, out: Path | None) -> dict:
             for t in (hard_negatives(s, rng, cfg.hard_negatives) if cfg.hard_negatives else [])
             if not is_heldout_prompt(t)
         ]
-        f_i = enc.images(images)  # (B, D)
+        f_i = enc.images(images if neg_images is None else torch.cat([images, neg_images]))
+        f_neg = f_i[len(specs) :]  # (M, D) image-side hard negatives (M = 0 without them)
+        f_i = f_i[: len(specs)]  # (B, D)
         f_t = enc.texts(texts + negs)  # (B + N, D): batch captions, then hard negatives
         logits = model.logit_scale.exp().clamp(max=100.0) * f_i @ f_t.T  # (B, B + N)
         # Identical captions are all positives (a hard negative may be another item's caption):
@@ -258,9 +311,13 @@ def train(cfg: ClipTrainConfig, out: Path | None) -> dict:
         target = same / same.sum(1, keepdim=True)  # (B, B + N), rows sum to 1
         b = len(texts)
         t2i_target = same[:, :b].T / same[:, :b].T.sum(1, keepdim=True)  # (B, B)
+        # Text -> image over the batch images, then the perturbed (never matching) ones.
+        t2i_logits = torch.cat(
+            [logits[:, :b].T, model.logit_scale.exp().clamp(max=100.0) * f_t[:b] @ f_neg.T], 1
+        )
+        t2i_target = F.pad(t2i_target, (0, f_neg.shape[0]))  # (B, B + M)
         loss = 0.5 * (
-            F.cross_entropy(logits, target)
-            + F.cross_entropy(logits[:, :b].T.contiguous(), t2i_target)
+            F.cross_entropy(logits, target) + F.cross_entropy(t2i_logits.contiguous(), t2i_target)
         )
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -291,7 +348,10 @@ def train(cfg: ClipTrainConfig, out: Path | None) -> dict:
 def _fmt(m: dict[str, float]) -> str:
     return (
         f"i2t@1 {m['i2t@1']:.3f} t2i@1 {m['t2i@1']:.3f} (chance {m['chance']:.3f}), "
-        f"hard@1 {m['hard@1']:.3f} (chance {m['hard_chance']:.3f})"
+        f"hard@1 {m['hard@1']:.3f} (chance {m['hard_chance']:.3f}), image pairs "
+        f"{m['img_pair']:.3f} ("
+        + ", ".join(f"{k} {m[f'img_pair_{k}']:.2f}" for k in KINDS if f"img_pair_{k}" in m)
+        + ")"
     )
 
 

@@ -15,6 +15,7 @@ from rlhf.stat_tracking import (
     compute_advantages,
     global_advantages,
     group_advantages,
+    group_centered_advantages,
 )
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -30,6 +31,19 @@ def test_group_advantages_normalise_inside_each_prompt():
     adv = group_advantages(np.array([1.0, 3.0, 100.0, 102.0, 7.0]), prompts)
     np.testing.assert_allclose(adv[:4], [-1, 1, -1, 1], atol=1e-4)
     assert adv[4] == 0  # a group of one carries no relative information
+
+
+def test_group_centered_advantages_keep_the_size_of_each_groups_spread():
+    """Centred on the group mean, one scale for the whole batch: a group whose rewards barely
+    differ (noise, near-ties) gets small advantages, where per-group std would inflate them."""
+    prompts = ["a", "a", "b", "b", "c"]
+    rewards = np.array([1.0, 3.0, 100.0, 100.02, 7.0])
+    adv = group_centered_advantages(rewards, prompts)
+    centred = np.array([-1.0, 1.0, -0.01, 0.01, 0.0])
+    np.testing.assert_allclose(adv, centred / np.sqrt((centred**2).mean()), rtol=1e-5)
+    assert abs(adv[2]) < 0.02 * abs(adv[0])
+    assert abs(group_advantages(rewards, prompts)[2]) > 0.99  # the per-group-std contrast
+    assert compute_advantages("group_centered", rewards, prompts, clip=5.0).tolist() == adv.tolist()
 
 
 def test_per_prompt_tracker_uses_batch_stats_until_min_count():
@@ -59,7 +73,7 @@ def test_tracker_state_round_trip_and_pickle():
 def test_compute_advantages_clips_and_rejects_unknown_modes():
     adv = compute_advantages("global", np.array([0.0] * 99 + [1.0]), ["p"] * 100, clip=5.0)
     assert adv.max() == 5.0
-    with pytest.raises(ValueError, match="per_prompt, group, global"):
+    with pytest.raises(ValueError, match="per_prompt, group, group_centered, global"):
         compute_advantages("nope", np.zeros(2), ["a", "b"])
 
 

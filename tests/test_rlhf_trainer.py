@@ -53,6 +53,38 @@ def test_first_inner_epoch_recomputes_sampling_logprobs(tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before)  # and it did train
 
 
+@pytest.mark.parametrize("selection", ["early", "random"])
+def test_timestep_selection(tmp_path, monkeypatch, selection):
+    """'early' trains exactly the first num_train_timesteps steps of every trajectory;
+    'random' reaches the later ones too."""
+    import rlhf.trainer as trainer_mod
+
+    seen = []
+    real = trainer_mod.predict_noise
+
+    def spy(unet, latents, t, *args, **kwargs):
+        seen.extend(t.flatten().tolist())
+        return real(unet, latents, t, *args, **kwargs)
+
+    cfg = _cfg(
+        tmp_path,
+        "sample_num_steps=8",
+        "train_timestep_fraction=0.25",
+        f"train_timestep_selection={selection}",
+    )
+    trainer = DDPOTrainer(cfg)
+    monkeypatch.setattr(trainer_mod, "predict_noise", spy)
+    samples, _ = trainer.sample_epoch(0)
+    trainer.compute_advantages(samples)
+    trainer.train_ppo(samples, 0)
+    first_two = set(samples["timesteps"][:, :2].flatten().tolist())
+    assert len(seen) == samples["timesteps"].shape[0] * 2  # 2 trained steps per sample
+    if selection == "early":
+        assert set(seen) == first_two
+    else:
+        assert not set(seen) <= first_two
+
+
 def test_brightness_learning(tmp_path):
     """A few epochs of DDPO raise brightness; a run rewarded for darkness, with the same
     seed and hence the same sampling noise, gets darker: the gap is learned, not luck."""
