@@ -146,7 +146,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reward", default="shapes", help="HyperAlign preset or checkpoint")
     parser.add_argument("--out", default="runs/demo", help="output directory")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts to judge")
+    parser.add_argument("--eval-prompts", type=int, default=128, help="held-out prompts to judge")
     parser.add_argument("--eval-images", type=int, default=2, help="images per held-out prompt")
     parser.add_argument("--train-prompts", type=int, default=64, help="RL training prompts")
     parser.add_argument(

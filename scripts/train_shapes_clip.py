@@ -119,13 +119,16 @@ def render_batch(
 
 def scenes_and_negatives(
     specs: list[PromptSpec], rng: np.random.Generator, image_size: int, rate: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One faithful scene per prompt ``(B, 3, S, S)``, and image-side hard negatives
-    ``(M, 3, S, S)``: for each prompt with probability ``rate`` (more than one when
-    ``rate > 1``), its faithful scene changed by one random applicable perturbation kind."""
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """One faithful scene per prompt ``(B, 3, S, S)``, image-side hard negatives
+    ``(M, 3, S, S)``: for each prompt, ``n`` = ``rate`` rounded at random (``floor(rate)``
+    plus one with probability ``frac(rate)``) versions of its faithful scene, each changed by
+    one perturbation kind. The first ``2 n`` kinds of a random order are tried and those that
+    do not apply are skipped, so a prompt may get fewer than ``n`` (M ~ 0.9 B at rate 1);
+    and, for each negative, the index of the prompt it was made from."""
     cfg = RenderConfig(image_size=image_size)
-    pos, neg = [], []
-    for spec in specs:
+    pos, neg, owner = [], [], []
+    for j, spec in enumerate(specs):
         scene = faithful_scene(spec, rng)
         pos.append(render(scene, cfg))
         n = int(rate) + int(rng.random() < rate - int(rate))
@@ -135,9 +138,10 @@ def scenes_and_negatives(
             p = perturb(spec, scene, str(kind), rng)
             if p is not None:
                 neg.append(render(p.scene, cfg))
+                owner.append(j)
                 n -= 1
     empty = torch.zeros(0, 3, image_size, image_size)
-    return to_tensor(np.stack(pos)), (to_tensor(np.stack(neg)) if neg else empty)
+    return to_tensor(np.stack(pos)), (to_tensor(np.stack(neg)) if neg else empty), owner
 
 
 def hard_negatives(spec: PromptSpec, rng: np.random.Generator, n: int = 4) -> list[str]:
@@ -287,7 +291,7 @@ def train(cfg: ClipTrainConfig, out: Path | None) -> dict:
         specs = sample_specs(rng, cfg.batch_size, heldout=False)
         texts = [s.text for s in specs]
         if cfg.hard_negative_images > 0:
-            images, neg_images = scenes_and_negatives(
+            images, neg_images, _ = scenes_and_negatives(
                 specs, rng, cfg.image_size, cfg.hard_negative_images
             )
         else:

@@ -127,3 +127,23 @@ def test_shapes_reward_learned_alignment(shapes_reward, heldout_set):
     )
     # Against the exact alignment (no rater noise) it must clear the same floor.
     assert vs_truth > SRCC_MIN, f"shapes reward SRCC vs true alignment {vs_truth:.4f}"
+
+
+def test_clip_script_image_side_hard_negatives():
+    """`--hard-negative-images`: each caption gets perturbed versions of its own scene as
+    negative images; they differ from the faithful render and are none of them faithful."""
+    from reward.shapes.oracle import oracle_alignment_batch
+
+    clip_script = _clip_script()
+    rng = np.random.default_rng(3)
+    specs = clip_script.sample_specs(rng, 16, heldout=False)
+    pos, neg, owner = clip_script.scenes_and_negatives(specs, rng, 64, rate=1.0)
+    assert pos.shape == (16, 3, 64, 64) and 12 <= neg.shape[0] <= 16  # ~1 per caption
+    assert float(oracle_alignment_batch(pos, [s.text for s in specs]).min()) == 1.0
+    # Every negative breaks at least one fact of its own caption.
+    assert float(oracle_alignment_batch(neg, [specs[j].text for j in owner]).max()) < 1.0
+    assert not any(torch.equal(neg[i], pos[j]) for i, j in enumerate(owner))
+    _, none, _ = clip_script.scenes_and_negatives(specs, rng, 64, rate=0.0)
+    assert none.shape[0] == 0
+    _, some, _ = clip_script.scenes_and_negatives(specs * 4, rng, 64, rate=0.5)
+    assert 16 <= some.shape[0] <= 48  # about half of 64
