@@ -20,6 +20,11 @@ with the HyperAlign reward and the shapes-world oracle, and prints:
   drop caused by each perturbation kind of ``reward.shapes.perturb`` (and how often it
   drops at all); a kind the reward barely punishes is a direction RL can exploit.
 
+With ``--loras DIR ...`` (LoRA folders written by the demo), it instead judges the base model
+and each LoRA on ``--prompts`` held-out prompts x 2 images: per-kind fact accuracy and the
+mean number of objects the oracle reads minus the number asked for (reward hacking by extra
+objects shows up there).
+
 Images are cached (``--cache``) so other rewards can be compared on the same samples.
 """
 
@@ -59,6 +64,49 @@ def generate(n_prompts: int, k: int, seed: int):
     return torch.cat(images), prompts
 
 
+def judge_loras(loras: list[str], n_prompts: int, seed: int) -> None:
+    """Fact accuracy per kind and surplus objects, base model vs each LoRA."""
+    from collections import defaultdict
+
+    from diffusers import StableDiffusionPipeline
+
+    from reward.shapes.oracle import read_objects
+    from reward.shapes.prompts import as_facts, evaluate_facts, parse_prompt
+    from rlhf.demo import DEFAULT_PIPELINE, held_out_prompts
+
+    prompts = [p for p in held_out_prompts(DEFAULT_PIPELINE)[:n_prompts] for _ in range(2)]
+    print("| model | objects read − asked | " + " | ".join(KIND_COLUMNS) + " |")
+    print("|---|---|" + "---|" * len(KIND_COLUMNS))
+    for lora in [None, *loras]:
+        pipe = StableDiffusionPipeline.from_pretrained(str(DEFAULT_PIPELINE), safety_checker=None)
+        pipe.set_progress_bar_config(disable=True)
+        if lora:
+            pipe.load_lora_weights(lora)
+        hits, surplus = defaultdict(list), []
+        for s in range(0, len(prompts), 32):
+            p = prompts[s : s + 32]
+            gens = [torch.Generator().manual_seed(seed * 100_003 + s + i) for i in range(len(p))]
+            x = pipe(
+                prompt=p,
+                num_inference_steps=20,
+                guidance_scale=3.0,
+                eta=1.0,
+                generator=gens,
+                output_type="pt",
+            ).images
+            for img, text in zip(x, p):
+                objs = read_objects(img.double())
+                surplus.append(len(objs) - parse_prompt(text).n_objects)
+                facts = as_facts(text)
+                for f, ok in zip(facts, evaluate_facts(facts, objs)):
+                    hits[f.kind].append(bool(ok))
+        acc = " | ".join(f"{np.mean(hits[k]):.3f}" if hits[k] else "—" for k in KIND_COLUMNS)
+        print(f"| {lora or 'base'} | {np.mean(surplus):+.2f} | {acc} |")
+
+
+KIND_COLUMNS = ("color", "shape", "size", "count", "total", "relation")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prompts", type=int, default=64)
@@ -66,7 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reward", default="shapes", help="HyperAlign preset or checkpoint")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", default=None, help="reuse / store the generated images here")
+    ap.add_argument("--loras", nargs="*", default=None, help="judge these LoRA folders")
     args = ap.parse_args(argv)
+    if args.loras is not None:
+        judge_loras(args.loras, args.prompts, args.seed)
+        return 0
     if args.images < 8:
         ap.error("--images must be >= 8 (best-of-8 and groups of 8 are reported)")
 
