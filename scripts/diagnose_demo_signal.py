@@ -39,15 +39,22 @@ import torch
 from scipy import stats
 
 
-def generate(n_prompts: int, k: int, seed: int):
+def load_pipeline(lora: str | None = None):
+    """The shipped shapes pipeline, with ``lora`` loaded when given."""
     from diffusers import StableDiffusionPipeline
 
-    from rlhf.demo import DEFAULT_PIPELINE, held_out_prompts
+    from rlhf.demo import DEFAULT_PIPELINE
 
     pipe = StableDiffusionPipeline.from_pretrained(str(DEFAULT_PIPELINE), safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
-    held = held_out_prompts(DEFAULT_PIPELINE)[:n_prompts]
-    prompts = [p for p in held for _ in range(k)]
+    if lora:
+        pipe.load_lora_weights(lora)
+    return pipe
+
+
+def sample(pipe, prompts: list[str], seed: int) -> torch.Tensor:
+    """Images (N, 3, H, W) in [0, 1] with the demo's sampler settings; image i uses seed
+    ``seed * 100_003 + i``, so two models get the same noise."""
     images = []
     for s in range(0, len(prompts), 32):
         p = prompts[s : s + 32]
@@ -61,14 +68,19 @@ def generate(n_prompts: int, k: int, seed: int):
             output_type="pt",
         )
         images.append(out.images)
-    return torch.cat(images), prompts
+    return torch.cat(images)
+
+
+def generate(n_prompts: int, k: int, seed: int):
+    from rlhf.demo import DEFAULT_PIPELINE, held_out_prompts
+
+    prompts = [p for p in held_out_prompts(DEFAULT_PIPELINE)[:n_prompts] for _ in range(k)]
+    return sample(load_pipeline(), prompts, seed), prompts
 
 
 def judge_loras(loras: list[str], n_prompts: int, seed: int) -> None:
     """Fact accuracy per kind and surplus objects, base model vs each LoRA."""
     from collections import defaultdict
-
-    from diffusers import StableDiffusionPipeline
 
     from reward.shapes.oracle import read_objects
     from reward.shapes.prompts import as_facts, evaluate_facts, parse_prompt
@@ -78,28 +90,14 @@ def judge_loras(loras: list[str], n_prompts: int, seed: int) -> None:
     print("| model | objects read − asked | " + " | ".join(KIND_COLUMNS) + " |")
     print("|---|---|" + "---|" * len(KIND_COLUMNS))
     for lora in [None, *loras]:
-        pipe = StableDiffusionPipeline.from_pretrained(str(DEFAULT_PIPELINE), safety_checker=None)
-        pipe.set_progress_bar_config(disable=True)
-        if lora:
-            pipe.load_lora_weights(lora)
+        x = sample(load_pipeline(lora), prompts, seed)
         hits, surplus = defaultdict(list), []
-        for s in range(0, len(prompts), 32):
-            p = prompts[s : s + 32]
-            gens = [torch.Generator().manual_seed(seed * 100_003 + s + i) for i in range(len(p))]
-            x = pipe(
-                prompt=p,
-                num_inference_steps=20,
-                guidance_scale=3.0,
-                eta=1.0,
-                generator=gens,
-                output_type="pt",
-            ).images
-            for img, text in zip(x, p):
-                objs = read_objects(img.double())
-                surplus.append(len(objs) - parse_prompt(text).n_objects)
-                facts = as_facts(text)
-                for f, ok in zip(facts, evaluate_facts(facts, objs)):
-                    hits[f.kind].append(bool(ok))
+        for img, text in zip(x, prompts):
+            objs = read_objects(img.double())
+            surplus.append(len(objs) - parse_prompt(text).n_objects)
+            facts = as_facts(text)
+            for f, ok in zip(facts, evaluate_facts(facts, objs)):
+                hits[f.kind].append(bool(ok))
         acc = " | ".join(f"{np.mean(hits[k]):.3f}" if hits[k] else "—" for k in KIND_COLUMNS)
         print(f"| {lora or 'base'} | {np.mean(surplus):+.2f} | {acc} |")
 
