@@ -17,7 +17,7 @@ setup: $(STAMP)  ## create .venv and install the project with its dev extra
 
 demo: $(STAMP)  ## the main job: DDPO + HyperAlign on the shapes world, judged by an oracle
 	$(VENV)/bin/accelerate launch --cpu --num_processes 1 --num_machines 1 \
-		--mixed_precision no --dynamo_backend no -m rlhf.demo --out runs/demo $(DEMO_ARGS)
+		--mixed_precision no --dynamo_backend no -m hyperalign demo --out runs/demo $(DEMO_ARGS)
 
 test: $(STAMP)  ## the offline CPU test suite (slow tests excluded)
 	$(PY) -m pytest -q

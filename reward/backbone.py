@@ -7,7 +7,10 @@ Sources, as ``HyperAlignConfig.backbone`` / ``.pretrained`` name them:
 - ``pretrained=None``: random weights (tests, cost measurement).
 
 This project registers its own small architectures from ``reward/model_configs/*.json``
-(``hyperalign-tiny`` for tests).
+(``hyperalign-tiny`` for tests). Any other architecture can be registered with
+:func:`register_model_config`; an architecture a checkpoint names but open_clip does not know
+is also looked up as ``<name>.json`` beside its weights file, so a checkpoint folder that
+carries its CLIP's config loads with no registration (the shipped ``shapes`` reward does).
 """
 
 from __future__ import annotations
@@ -52,6 +55,19 @@ def register_project_configs() -> None:
     import open_clip
 
     open_clip.add_model_config(_CONFIG_DIR)
+
+
+def register_model_config(path: str | os.PathLike) -> str:
+    """Register an open_clip architecture from a JSON file (``{"embed_dim", "vision_cfg",
+    "text_cfg"}``) under its file stem; returns that name. Idempotent."""
+    import open_clip
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"open_clip model config {path} does not exist")
+    if path.stem not in open_clip.list_models():
+        open_clip.add_model_config(path)
+    return path.stem
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -145,11 +161,20 @@ def load_backbone(
     if (
         not backbone.startswith(("hf-hub:", "local-dir:"))
         and backbone not in open_clip.list_models()
+        and model_pretrained is not None
+        and os.path.isfile(model_pretrained)
+    ):
+        sibling = Path(model_pretrained).with_name(f"{backbone}.json")
+        if sibling.is_file():  # the checkpoint carries its own architecture
+            register_model_config(sibling)
+    if (
+        not backbone.startswith(("hf-hub:", "local-dir:"))
+        and backbone not in open_clip.list_models()
     ):
         raise ValueError(
             f"unknown open_clip architecture {backbone!r}; use one of open_clip.list_models() "
-            "(e.g. 'ViT-B-16', or this project's 'hyperalign-tiny'), or an 'hf-hub:' / "
-            "'local-dir:' id"
+            "(e.g. 'ViT-B-16', or this project's 'hyperalign-tiny'), an 'hf-hub:' / "
+            "'local-dir:' id, or register yours with reward.backbone.register_model_config(path)"
         )
     model = open_clip.create_model(backbone, pretrained=model_pretrained, device=device, **kwargs)
     tokenizer = open_clip.get_tokenizer(backbone)

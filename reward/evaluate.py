@@ -1,4 +1,4 @@
-"""``hyperalign eval``: score a labelled IQA dataset with trained HyperAlign checkpoints.
+"""``hyperalign eval-reward``: score a labelled IQA dataset with trained HyperAlign checkpoints.
 
 Writes, per checkpoint, ``metrics.json`` (SRCC, PLCC raw and after the 4-parameter logistic
 fit, KRCC, RMSE), ``predictions.csv`` and ``scatter.png`` (prediction vs. MOS with the fitted
@@ -8,12 +8,12 @@ also ``summary.json`` with mean ± std.
 Within-dataset (the test subset of the split the checkpoint was trained on; the split is
 recomputed from the seed and fractions stored in the checkpoint)::
 
-    hyperalign eval --model runs/agiqa3k/split_*/best --dataset agiqa3k \\
+    hyperalign eval-reward --model runs/agiqa3k/split_*/best --dataset agiqa3k \\
         --labels data/iqa/agiqa3k/data.csv --image-root AGIQA-3K/ --subset test --out eval/
 
 Cross-dataset (trained on AIGCIQA2023, tested on all of AGIQA-3K)::
 
-    hyperalign eval --model runs/aigciqa2023/split_0/best --dataset agiqa3k \\
+    hyperalign eval-reward --model runs/aigciqa2023/split_0/best --dataset agiqa3k \\
         --labels data/iqa/agiqa3k/data.csv --image-root AGIQA-3K/ --subset all --out eval/x
 
 Scores are on the normalised [0, 1] scale; targets are each dataset's MOS min-max
@@ -26,7 +26,6 @@ import argparse
 import csv
 import json
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -327,17 +326,3 @@ def _run_names(paths: Sequence[str]) -> list[str]:
     if len(set(names)) != len(names):
         names = [f"{i}_{n}" for i, n in enumerate(names)]
     return names
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="hyperalign eval",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -30,7 +30,6 @@ from .config import HyperAlignConfig
 from .model import HyperAlign, check_inputs
 
 INFO_KEYS = ("s_base", "distance", "angle", "aperture", "alpha", "beta", "gamma")
-_ASSETS = Path(__file__).parent / "assets"
 
 
 def _tiny_random(device, **overrides) -> HyperAlign:
@@ -44,22 +43,20 @@ def _tiny_random(device, **overrides) -> HyperAlign:
     return HyperAlign(cfg, device=device)
 
 
-def _shipped(name: str) -> Callable[..., HyperAlign]:
-    def load(device, **overrides) -> HyperAlign:
-        path = _ASSETS / name
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"the {name!r} checkpoint is not in this installation ({path}); rebuild it with "
-                "the command in README.md (section 'The shapes world')"
-            )
-        return HyperAlign.from_pretrained(path, device=device, **overrides)
+def _shapes(device, **overrides) -> HyperAlign:
+    from shapes.assets import REWARD_DIR
 
-    return load
+    if not (REWARD_DIR / "config.json").is_file():
+        raise FileNotFoundError(
+            f"the 'shapes' checkpoint is not in this installation ({REWARD_DIR}); rebuild it "
+            "with the command in README.md (section 'The shapes world')"
+        )
+    return HyperAlign.from_pretrained(REWARD_DIR, device=device, **overrides)
 
 
 PRESETS: dict[str, Callable[..., HyperAlign]] = {
     "tiny-random": _tiny_random,
-    "shapes": _shipped("shapes"),
+    "shapes": _shapes,
 }
 
 

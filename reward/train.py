@@ -1,4 +1,4 @@
-"""``hyperalign train``: train HyperAlign on human alignment MOS (hyperalign.md section 5).
+"""``hyperalign train-reward``: train HyperAlign on human alignment MOS (hyperalign.md section 5).
 
 The paper's protocol: CLIP ViT-B/16, batch 8, AdamW, 20 epochs, early stopping (here on
 validation SRCC), prompt-disjoint splits (4:1 AGIQA-3K / AIGCIQA2023, 3:1 PKU-I2IQA),
@@ -15,15 +15,15 @@ last saved state; ``--restart`` starts over.
 Examples::
 
     # one prompt-grouped split, paper settings, on a GPU machine
-    accelerate launch -m reward.train --dataset agiqa3k \\
+    accelerate launch -m hyperalign train-reward --dataset agiqa3k \\
         --labels ../shared/data/iqa/agiqa3k/data.csv --image-root AGIQA-3K/ --out runs/agiqa3k
 
     # 10 repeated splits, mean ± std
-    hyperalign train --dataset pku-i2iqa --labels ../shared/data/iqa/amff_splits/PKU-I2IQA/1 \\
+    hyperalign train-reward --dataset pku-i2iqa --labels ../shared/data/iqa/amff_splits/PKU-I2IQA/1 \\
         --image-root PKU-I2IQA/ --out runs/pku --splits 10
 
     # the ablation table (full, no entailment loss, static cone, no regressor, baseline)
-    hyperalign train --dataset aigciqa2023 --labels ... --image-root ... --out runs/abl \\
+    hyperalign train-reward --dataset aigciqa2023 --labels ... --image-root ... --out runs/abl \\
         --ablation all --splits 5
 """
 
@@ -35,7 +35,6 @@ import json
 import math
 import os
 import shutil
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -623,11 +622,11 @@ def run_ablations(
 
 # ----------------------------------------------------------------------------------- CLI
 EPILOG = """examples:
-  hyperalign train --dataset agiqa3k --labels ../shared/data/iqa/agiqa3k/data.csv \\
+  hyperalign train-reward --dataset agiqa3k --labels ../shared/data/iqa/agiqa3k/data.csv \\
       --image-root /data/AGIQA-3K --out runs/agiqa3k --splits 10
-  hyperalign train --dataset aigciqa2023 --labels ../shared/data/iqa/amff_splits/AIGCIQA2023/1 \\
+  hyperalign train-reward --dataset aigciqa2023 --labels ../shared/data/iqa/amff_splits/AIGCIQA2023/1 \\
       --image-root /data/AIGCIQA2023 --out runs/abl --ablation all
-  accelerate launch -m reward.train ...   (same options; multi-GPU / mixed precision)
+  accelerate launch -m hyperalign train-reward ...   (same options; multi-GPU / mixed precision)
 
 Re-running a command resumes it from <out>/split_<i>/state/last; --restart starts over.
 The checkpoint to use afterwards is <out>/split_<i>/best (hyperalign score/eval --model).
@@ -757,16 +756,6 @@ def run(args: argparse.Namespace) -> int:
         if PartialState._shared_state:
             PartialState().destroy_process_group()
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hyperalign train", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""Offline evaluation of generator checkpoints: ``hyperalign evaluate``.
+"""Offline evaluation of generator checkpoints: ``hyperalign eval-checkpoints``.
 
 Generate images for a prompt set with a diffusers pipeline and zero or more LoRA checkpoints
 (fixed seeds, so every checkpoint sees the same noise), or take images generated elsewhere
@@ -13,9 +13,9 @@ jobs are split across processes and gathered into one report.
 
 Examples::
 
-    hyperalign evaluate --pipeline runwayml/stable-diffusion-v1-5 \\
+    hyperalign eval-checkpoints --pipeline runwayml/stable-diffusion-v1-5 \\
         --lora runs/sd15/lora --prompts animals --images-per-prompt 4 --out runs/eval
-    hyperalign evaluate --images generated.csv --reward shapes --out runs/eval-ext
+    hyperalign eval-checkpoints --images generated.csv --reward shapes --out runs/eval-ext
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from shapes.assets import HELDOUT_PROMPTS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -79,9 +81,9 @@ def _drawbench(limit: int | None, seed: int) -> list[PromptItem]:
 def _shapes(limit: int | None, seed: int) -> list[PromptItem]:
     """The shipped shapes pipeline's held-out prompts (never used to train it), else a
     seeded sample of the grammar."""
-    from reward.shapes.prompts import parse_prompt, sample_prompt
+    from shapes.prompts import parse_prompt, sample_prompt
 
-    held = Path(__file__).resolve().parent / "assets" / "shapes-sd" / "heldout_prompts.json"
+    held = HELDOUT_PROMPTS
     if held.is_file():
         texts = json.loads(held.read_text())
         return [PromptItem(t, _shapes_category(parse_prompt(t))) for t in texts]
@@ -342,7 +344,7 @@ def build_scorers(reward: str, critics: Sequence[str], device, dtype) -> dict[st
     scorers = {"hyperalign": build_reward(reward, device=device, dtype=dtype)}
     for spec in critics:
         if spec == "oracle":
-            from reward.shapes.oracle import ShapesOracleReward
+            from shapes.oracle import ShapesOracleReward
 
             scorers["oracle"] = ShapesOracleReward()
         else:
@@ -646,7 +648,10 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     show = state.is_local_main_process
     if (args.pipeline is None) == (args.images is None):
-        print("hyperalign evaluate: give exactly one of --pipeline or --images", file=sys.stderr)
+        print(
+            "hyperalign eval-checkpoints: give exactly one of --pipeline or --images",
+            file=sys.stderr,
+        )
         return 2
     settings = {k: v for k, v in vars(args).items() if not k.startswith("_")}
 
@@ -657,7 +662,9 @@ def run(args: argparse.Namespace) -> int:
         items = load_prompt_set(args.prompts, args.limit, args.seed)
         checkpoints_spec = _checkpoint_names(args.lora, with_base=not args.no_base)
         if not checkpoints_spec:
-            print("hyperalign evaluate: --no-base needs at least one --lora", file=sys.stderr)
+            print(
+                "hyperalign eval-checkpoints: --no-base needs at least one --lora", file=sys.stderr
+            )
             return 2
         checkpoints = [name for name, _ in checkpoints_spec]
         pipe = load_pipeline(args.pipeline, device, dtype)
@@ -757,17 +764,3 @@ def load_pipeline(name_or_path: str, device, dtype):
         ) from err
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="hyperalign evaluate",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

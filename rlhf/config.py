@@ -21,6 +21,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shapes.assets import SD_DIR
+
 __all__ = [
     "DDPOConfig",
     "base",
@@ -362,7 +364,7 @@ def sd15_hyperalign() -> DDPOConfig:
     cfg = base()
     cfg.run_name = "sd15-hyperalign"
     cfg.pretrained_model = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    # A HyperAlign checkpoint trained with `hyperalign train` (README); override with
+    # A HyperAlign checkpoint trained with `hyperalign train-reward` (README); override with
     # --set reward_fn=hyperalign:<checkpoint dir or hub id>.
     cfg.reward_fn = "hyperalign:runs/agiqa3k/split_0/best"
     cfg.prompt_fn = "simple_animals"
@@ -378,13 +380,13 @@ def sd15_hyperalign() -> DDPOConfig:
 
 def shapes_demo() -> DDPOConfig:
     """The main job (`make demo`): the shipped tiny shapes-world Stable Diffusion
-    (`rlhf/assets/shapes-sd`) with the shipped HyperAlign "shapes" reward, on 2 CPU cores in
+    (`shapes/assets/sd`) with the shipped HyperAlign "shapes" reward, on 2 CPU cores in
     a few minutes. Group-relative advantages over several images per prompt; a larger clip
     range and learning rate than SD 1.5's, since the model and the run are tiny.
     """
     cfg = base()
     cfg.run_name = "demo"
-    cfg.pretrained_model = str(Path(__file__).resolve().parent / "assets" / "shapes-sd")
+    cfg.pretrained_model = str(SD_DIR)
     cfg.reward_fn = "hyperalign:shapes"
     cfg.prompt_fn = "fixed:a red circle"  # the demo passes its own training prompts
     cfg.mixed_precision = "no"

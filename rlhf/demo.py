@@ -1,9 +1,9 @@
 """The main job, end to end on a CPU: DDPO with the HyperAlign reward on the shapes world.
 
-``make demo`` runs ``accelerate launch --cpu -m rlhf.demo``:
+``make demo`` runs ``accelerate launch --cpu -m hyperalign demo``:
 
-1. loads the shipped tiny Stable Diffusion (``rlhf/assets/shapes-sd``) and the shipped
-   HyperAlign ``"shapes"`` reward (``reward/assets/shapes``), with the shapes-world oracle
+1. loads the shipped tiny Stable Diffusion (``shapes/assets/sd``) and the shipped
+   HyperAlign ``"shapes"`` reward (``shapes/assets/reward``), with the shapes-world oracle
    as a zero-weight critic (logged, never optimised);
 2. generates images for held-out prompts (never seen by the diffusion model nor by RL) with
    fixed seeds and scores them: mean reward and oracle alignment *before*;
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -32,9 +31,9 @@ import torch
 from rlhf.checkpoint_eval import bootstrap_ci
 from rlhf.config import DDPOConfig, apply_overrides, shapes_demo
 from rlhf.prompts import FixedPrompts
+from shapes.assets import SD_DIR
 
-ASSETS = Path(__file__).resolve().parent / "assets"
-DEFAULT_PIPELINE = ASSETS / "shapes-sd"
+DEFAULT_PIPELINE = SD_DIR
 
 
 def held_out_prompts(pipeline_dir: Path) -> list[str]:
@@ -48,7 +47,7 @@ def held_out_prompts(pipeline_dir: Path) -> list[str]:
 
 def training_prompts(n: int, exclude: set[str], seed: int) -> list[str]:
     """``n`` distinct shapes-grammar prompts, none of them in ``exclude``."""
-    from reward.shapes.prompts import sample_prompt
+    from shapes.prompts import sample_prompt
 
     rng = np.random.default_rng(seed)
     out: list[str] = []
@@ -63,7 +62,7 @@ def training_prompts(n: int, exclude: set[str], seed: int) -> list[str]:
 
 def build_reward_fn(reward: str, device):
     from reward import WeightedReward, build_reward
-    from reward.shapes.oracle import ShapesOracleReward
+    from shapes.oracle import ShapesOracleReward
 
     return WeightedReward(
         {
@@ -300,17 +299,3 @@ before and after. Wall time {m["time_s"]["total"]:.0f} s.
   r = HyperAlign reward, o = oracle alignment.
 - `lora/`: the LoRA weights (`StableDiffusionPipeline.load_lora_weights`).
 """
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m rlhf.demo",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,11 +2,11 @@
 
 Tiny offline run on CPU (random-weight tiny pipeline, brightness reward, seconds):
 
-    python -m rlhf.train --preset tiny-cpu
+    hyperalign rl-train --preset tiny-cpu
 
 Stable Diffusion 1.5 with the HyperAlign reward on GPUs (hub id or a local directory):
 
-    accelerate launch -m rlhf.train --preset sd15-hyperalign \\
+    accelerate launch -m hyperalign rl-train --preset sd15-hyperalign \\
         --set pretrained_model=stable-diffusion-v1-5/stable-diffusion-v1-5 \\
         --set reward_fn=hyperalign:<name_or_path> --set run_name=my-run
 
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from rlhf.config import PRESETS, DDPOConfig, apply_overrides, get_preset
 
-__all__ = ["add_arguments", "run", "main", "build_config", "field_docs"]
+__all__ = ["add_arguments", "run", "build_config", "field_docs"]
 
 
 def field_docs() -> dict[str, str]:
@@ -95,11 +95,7 @@ def run(args: argparse.Namespace) -> int:
         for name in DDPOConfig.__dataclass_fields__:
             print(f"{name} (default {getattr(default, name)!r}):\n    {docs.get(name, '')}")
         return 0
-    try:
-        cfg = build_config(args)
-    except ValueError as e:
-        print(f"error: {e}")
-        return 2
+    cfg = build_config(args)  # a bad setting: ValueError, reported by the command line
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
         return 0
@@ -114,18 +110,3 @@ def run(args: argparse.Namespace) -> int:
             f"{last['reward_mean']:.4f}; LoRA in {trainer.run_dir / 'lora'}"
         )
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m rlhf.train",
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

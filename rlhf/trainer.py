@@ -311,7 +311,7 @@ class DDPOTrainer:
         acc.wait_for_everyone()
         if acc.is_main_process:
             self.config.save(tmp / "config.json")
-            # The same LoRA in the diffusers format, so `hyperalign evaluate --lora` and
+            # The same LoRA in the diffusers format, so `hyperalign eval-checkpoints --lora` and
             # `pipe.load_lora_weights` can compare the epochs of a run.
             save_lora_diffusers(self.unet, tmp / "lora")
             if final.exists():

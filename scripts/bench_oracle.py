@@ -5,7 +5,7 @@ Usage::
     python scripts/bench_oracle.py [--n-prompts 300] [--seed 0] [--image-size 64] [--denoise 3]
 
 For each of ``--n-prompts`` random prompts it renders the faithful scene and every perturbed
-scene (see ``reward.shapes.perturb``), degrades the image (Gaussian blur of sigma px, or
+scene (see ``shapes.perturb``), degrades the image (Gaussian blur of sigma px, or
 additive Gaussian noise of sigma on [0, 1] pixels, clipped), reads it with the oracle and
 compares with the ground truth. Prints a Markdown table:
 
@@ -23,10 +23,10 @@ import time
 import numpy as np
 from scipy import ndimage
 
-from reward.shapes.oracle import OracleConfig, read_objects
-from reward.shapes.perturb import faithful_scene, perturbed_scenes
-from reward.shapes.prompts import evaluate_facts, sample_prompt
-from reward.shapes.world import RenderConfig, render
+from shapes.oracle import OracleConfig, read_objects
+from shapes.perturb import faithful_scene, perturbed_scenes
+from shapes.prompts import evaluate_facts, sample_prompt
+from shapes.world import RenderConfig, render
 
 CONDITIONS: tuple[tuple[str, float], ...] = (
     ("clean", 0.0),

@@ -17,7 +17,7 @@ with the HyperAlign reward and the shapes-world oracle, and prints:
   advantages), and the signal share ``mean(a * o_c) / mean(a^2)``.
 
 - what the reward sees: on faithful renders of ``--prompts`` fresh prompts, the mean reward
-  drop caused by each perturbation kind of ``reward.shapes.perturb`` (and how often it
+  drop caused by each perturbation kind of ``shapes.perturb`` (and how often it
   drops at all); a kind the reward barely punishes is a direction RL can exploit.
 
 With ``--loras DIR ...`` (LoRA folders written by the demo), it instead judges the base model
@@ -82,9 +82,9 @@ def judge_loras(loras: list[str], n_prompts: int, seed: int) -> None:
     """Fact accuracy per kind and surplus objects, base model vs each LoRA."""
     from collections import defaultdict
 
-    from reward.shapes.oracle import read_objects
-    from reward.shapes.prompts import as_facts, evaluate_facts, parse_prompt
     from rlhf.demo import DEFAULT_PIPELINE, held_out_prompts
+    from shapes.oracle import read_objects
+    from shapes.prompts import as_facts, evaluate_facts, parse_prompt
 
     prompts = [p for p in held_out_prompts(DEFAULT_PIPELINE)[:n_prompts] for _ in range(2)]
     print("| model | objects read − asked | " + " | ".join(KIND_COLUMNS) + " |")
@@ -121,12 +121,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--images must be >= 8 (best-of-8 and groups of 8 are reported)")
 
     from reward import build_reward
-    from reward.shapes.oracle import ShapesOracleReward
     from rlhf.stat_tracking import (
         global_advantages,
         group_advantages,
         group_centered_advantages,
     )
+    from shapes.oracle import ShapesOracleReward
 
     cache = Path(args.cache) if args.cache else None
     if cache and cache.is_file():
@@ -179,9 +179,9 @@ def main(argv: list[str] | None = None) -> int:
             share = float((a * true).mean() / (a**2).mean())
             print(f"| {g} | {name} | {np.corrcoef(a, true)[0, 1]:.3f} | {share:.4f} |")
 
-    from reward.shapes.perturb import KINDS, faithful_scene, perturb
-    from reward.shapes.prompts import sample_prompt
-    from reward.shapes.world import render, to_tensor
+    from shapes.perturb import KINDS, faithful_scene, perturb
+    from shapes.prompts import sample_prompt
+    from shapes.world import render, to_tensor
 
     rng = np.random.default_rng(args.seed + 123)
     drops: dict[str, list[float]] = {kd: [] for kd in KINDS}

@@ -4,12 +4,12 @@ Usage::
 
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/eval_shapes_sd.py                 # shipped pipeline
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/eval_shapes_sd.py --guidance 1 3 5 --eta 1 \\
-        --pipeline rlhf/assets/shapes-sd --out runs/shapes-sd-eval --n-prompts 200
+        --pipeline shapes/assets/sd --out runs/shapes-sd-eval --n-prompts 200
 
 For each held-out prompt (``heldout_prompts.json`` in the pipeline directory, written by
 ``scripts/train_shapes_sd.py``: prompts never used in training) it generates one image with a
 fixed per-prompt seed (``--seed + index``), reads it with the oracle
-(:func:`reward.shapes.oracle.oracle_alignment_batch`) and reports the mean alignment with a
+(:func:`shapes.oracle.oracle_alignment_batch`) and reports the mean alignment with a
 bootstrap 95 % interval over prompts, for each guidance scale asked. Reference rows on the
 same prompts: the faithful render (the oracle's ceiling), its VAE round trip (the ceiling
 through this decoder) and a *random scene* (the faithful render of another random prompt: the
@@ -32,14 +32,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reward.shapes.oracle import oracle_alignment_batch, oracle_facts
-from reward.shapes.perturb import faithful_scene
-from reward.shapes.prompts import parse_prompt, sample_prompt
-from reward.shapes.world import RenderConfig, render, to_tensor
 from rlhf.checkpoint_eval import bootstrap_ci
+from shapes.assets import SD_DIR
+from shapes.oracle import oracle_alignment_batch, oracle_facts
+from shapes.perturb import faithful_scene
+from shapes.prompts import parse_prompt, sample_prompt
+from shapes.world import RenderConfig, render, to_tensor
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_PIPELINE = REPO / "rlhf" / "assets" / "shapes-sd"
+DEFAULT_PIPELINE = SD_DIR
 
 
 def summary(values, seed: int) -> dict:

@@ -42,11 +42,12 @@ import torch
 import torch.nn.functional as F
 
 from reward.backbone import load_backbone
-from reward.shapes.perturb import KINDS, faithful_scene, perturb
-from reward.shapes.prompts import Entity, PromptSampler, PromptSpec, Relation, sample_prompt
-from reward.shapes.world import COLORS, RELATIONS, SHAPES, SIZES, RenderConfig, render, to_tensor
+from shapes.assets import register_clip_config
+from shapes.perturb import KINDS, faithful_scene, perturb
+from shapes.prompts import Entity, PromptSampler, PromptSpec, Relation, sample_prompt
+from shapes.world import COLORS, RELATIONS, SHAPES, SIZES, RenderConfig, render, to_tensor
 
-ARCH = "shapes-clip"
+ARCH = register_clip_config()  # "shapes-clip"
 HELDOUT_BUCKETS = 5
 """A prompt is held out when ``sha1(text) mod HELDOUT_BUCKETS == 0`` (about 20 %)."""
 
@@ -69,7 +70,7 @@ class ClipTrainConfig:
     0.475 / 0.485 vs 0.545 without), so the shipped CLIP uses 0."""
     hard_negative_images: float = 0.0
     """Image-side hard negatives per pair: that many (in expectation; 1.0 = one each) scenes
-    made from the pair's faithful scene by one perturbation of ``reward.shapes.perturb`` (shape
+    made from the pair's faithful scene by one perturbation of ``shapes.perturb`` (shape
     swap, relation flip, extra object, ...), added as negative *images* for the captions. They
     force the image tower to see what the captions say beyond colour."""
     init: str = ""

@@ -2,9 +2,9 @@
 
 Usage:
     python scripts/train_shapes_hyperalign.py --clip runs/shapes_clip/clip.safetensors
-        --out runs/shapes_hyperalign [--seeds 0 1 2] [--n-prompts 1000] [--ship reward/assets/shapes]
+        --out runs/shapes_hyperalign [--seeds 0 1 2] [--n-prompts 1000] [--ship shapes/assets/reward]
 
-Per seed ``s``: the shapes dataset with master seed ``s`` (``reward.shapes.dataset``: prompt-
+Per seed ``s``: the shapes dataset with master seed ``s`` (``shapes.dataset``: prompt-
 disjoint train/val/test, PNG + CSV ``image,prompt,score,...``) is built under
 ``<out>/data_<s>`` (kept and reused), the frozen CLIP features of every image and prompt are
 computed once, and each row of the table is trained on the training prompts with seed ``s``,
@@ -26,7 +26,7 @@ fit, and raw). Prints a Markdown table of test mean ± std over seeds and writes
 ``<out>/results.json`` and ``<out>/results.md``.
 
 ``--ship DIR`` saves the full HyperAlign with the best validation SRCC over seeds (with the
-CLIP weights as ``clip.safetensors`` beside it) to ``DIR`` (atomically): ``reward/assets/shapes``
+CLIP weights as ``clip.safetensors`` beside it) to ``DIR`` (atomically): ``shapes/assets/reward``
 is what ``build_reward("shapes")`` loads.
 """
 
@@ -52,10 +52,11 @@ from reward.config import HyperAlignConfig
 from reward.losses import hyperalign_loss
 from reward.metrics import iqa_metrics, mean_std
 from reward.model import HyperAlign
-from reward.shapes.dataset import SPLITS, ShapesDatasetConfig, build_dataset, load_split
 from reward.train import ABLATIONS, TrainConfig, param_groups
+from shapes.assets import register_clip_config
+from shapes.dataset import SPLITS, ShapesDatasetConfig, build_dataset, load_split
 
-ARCH = "shapes-clip"
+ARCH = register_clip_config()  # "shapes-clip"
 CLIP_FILE = "clip.safetensors"
 # Table rows: name -> HyperAlignConfig overrides (None: zero-shot cosine, no training).
 ROWS: dict[str, dict | None] = {

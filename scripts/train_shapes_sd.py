@@ -7,7 +7,7 @@ Usage::
         --n-train 512 --vae-steps 20 --unet-steps 20                        # a smoke run
 
 The result is a genuine diffusers ``StableDiffusionPipeline`` directory (default
-``rlhf/assets/shapes-sd/``, safetensors) that ``StableDiffusionPipeline.from_pretrained(dir)``
+``shapes/assets/sd/``, safetensors) that ``StableDiffusionPipeline.from_pretrained(dir)``
 loads offline:
 
 - ``tokenizer``: a ``CLIPTokenizer`` (CLIP BPE format) whose ``vocab.json``/``merges.txt`` are
@@ -52,13 +52,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from reward.shapes.perturb import faithful_scene
-from reward.shapes.prompts import NUMBER_WORDS, PromptSampler, sample_prompt
-from reward.shapes.world import COLORS, RELATIONS, SHAPES, SIZES, RenderConfig, render
 from rlhf.tiny import assemble_pipeline, bytes_to_unicode, sd15_ddim_scheduler
+from shapes.assets import SD_DIR
+from shapes.perturb import faithful_scene
+from shapes.prompts import NUMBER_WORDS, PromptSampler, sample_prompt
+from shapes.world import COLORS, RELATIONS, SHAPES, SIZES, RenderConfig, render
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO / "rlhf" / "assets" / "shapes-sd"
+DEFAULT_OUT = SD_DIR
 
 
 @dataclass
@@ -132,7 +133,7 @@ class TrainConfig:
 
 
 def grammar_words() -> list[str]:
-    """Every word of the shapes grammar (``reward.shapes.prompts``), punctuation included."""
+    """Every word of the shapes grammar (``shapes.prompts``), punctuation included."""
     words = {"a", "an", "and", ",", "."}
     words |= {w for n, w in NUMBER_WORDS.items() if n > 1}
     words |= set(COLORS) | set(SIZES) | set(SHAPES) | {s + "s" for s in SHAPES}
@@ -367,7 +368,7 @@ def encode_latents(vae, images: np.ndarray, batch: int = 256) -> torch.Tensor:
 def vae_roundtrip_oracle(vae, n: int, seed: int, image_size: int) -> float:
     """Mean oracle alignment of VAE reconstructions of ``n`` fresh faithful scenes (ceiling of
     what the pipeline can reach through this decoder)."""
-    from reward.shapes.oracle import oracle_alignment_batch
+    from shapes.oracle import oracle_alignment_batch
 
     images, captions = make_dataset(n, seed, set(), image_size)
     rec = vae.decode(vae.encode(to_model_range(images)).latent_dist.mode()).sample

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from hyperalign.cli import main as cli
 from rlhf import checkpoint_eval as ce
 
 
@@ -38,7 +39,7 @@ def pipeline_dirs(tmp_path_factory):
 def _run(args):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return ce.main(args)
+        return cli(["eval-checkpoints", "--debug", *args])
 
 
 def test_two_checkpoints_paired_and_cached(pipeline_dirs, tmp_path, capsys):

@@ -8,6 +8,7 @@ import pickle
 import pytest
 import torch
 
+from hyperalign.cli import main as cli
 from vlm_tools import contrastive_attention as ca
 from vlm_tools.llava_critic import (
     LlavaCritic,
@@ -416,7 +417,8 @@ def test_cli_score_and_masking(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from vlm_tools.llava_cli import main
+    def main(argv):
+        return cli(["llava", "--debug", *argv])
 
     rng = np.random.default_rng(0)
     for i in range(3):

@@ -2,14 +2,15 @@
 
 import json
 import warnings
-from pathlib import Path
 
 import pytest
 
+from hyperalign.cli import main as cli
 from rlhf import demo
+from shapes.assets import REWARD_DIR
 
 PIPE = demo.DEFAULT_PIPELINE
-SHAPES_REWARD = Path(__file__).resolve().parents[1] / "reward" / "assets" / "shapes"
+SHAPES_REWARD = REWARD_DIR
 
 
 @pytest.mark.skipif(
@@ -26,7 +27,7 @@ def test_one_epoch_demo_writes_the_report(tmp_path, capsys):
     ]  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert demo.main(args) == 0
+        assert cli(["demo", *args]) == 0
     out = tmp_path / "demo"
     for name in ("report.md", "metrics.json", "curves.png", "grid_before_after.png"):
         assert (out / name).is_file(), name

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hyperalign.cli import main as cli
 from vlm_tools.description_critic import ClassMatcher, DescriptionCritic, DescriptionCriticConfig
 from vlm_tools.description_selection import (
     DescriptionSelector,
@@ -436,7 +437,8 @@ def _write_folder(root, classes, per_class, seed):
 
 
 def test_cli_end_to_end(tmp_path, toy_pool):
-    from vlm_tools.description_cli import main
+    def main(argv):
+        return cli(["disclip", "--debug", *argv])
 
     pool_path = tmp_path / "pool.json"
     pool_path.write_text(json.dumps(TOY))
@@ -500,7 +502,8 @@ def test_cli_end_to_end(tmp_path, toy_pool):
 
 
 def test_cli_missing_classes_listed(tmp_path):
-    from vlm_tools.description_cli import main
+    def main(argv):
+        return cli(["disclip", "--debug", *argv])
 
     pool_path = tmp_path / "pool.json"
     pool_path.write_text(json.dumps(TOY))

@@ -10,20 +10,19 @@ accuracy (w_cls = 0) with the selected descriptions must be far above chance (1/
 first-m LLM descriptions (the distractors) stay near chance.
 """
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from reward.backbone import load_backbone
-from reward.shapes.perturb import faithful_scene
-from reward.shapes.prompts import parse_prompt
-from reward.shapes.world import SHAPES, SIZES, render, to_tensor
+from shapes.assets import CLIP_WEIGHTS
+from shapes.perturb import faithful_scene
+from shapes.prompts import parse_prompt
+from shapes.world import SHAPES, SIZES, render, to_tensor
 from vlm_tools.description_selection import DescriptionSelector, SelectionConfig, local_prediction
 from vlm_tools.descriptions import from_class_lists
 
-ASSET = Path(__file__).resolve().parents[1] / "reward" / "assets" / "shapes" / "clip.safetensors"
+ASSET = CLIP_WEIGHTS
 CLASSES = {"kestrel": "red", "plover": "blue", "avocet": "green"}
 DISTRACTORS = ["a large circle", "a small square", "a triangle", "a large square"]
 

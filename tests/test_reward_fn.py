@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from hyperalign.cli import main as cli_main
 from reward import HyperAlign, HyperAlignReward, WeightedReward, build_reward
-from reward.cli import main as cli_main
 
 from .conftest import tiny_config
 

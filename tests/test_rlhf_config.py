@@ -4,8 +4,9 @@ import json
 
 import pytest
 
+from hyperalign.cli import main as cli
 from rlhf.config import PRESETS, DDPOConfig, apply_overrides, get_preset, sd15_hyperalign, tiny_cpu
-from rlhf.train import field_docs, main
+from rlhf.train import field_docs
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -75,8 +76,8 @@ def test_every_field_is_documented():
 
 
 def test_cli_print_config_and_errors(capsys):
-    assert main(["--preset", "tiny-cpu", "--set", "num_epochs=2", "--print-config"]) == 0
+    assert cli(["rl-train", "--preset", "tiny-cpu", "--set", "num_epochs=2", "--print-config"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["num_epochs"] == 2 and printed["pretrained_model"] == "tiny"
-    assert main(["--set", "sample_eta=2"]) == 2
-    assert "sample_eta" in capsys.readouterr().out
+    assert cli(["rl-train", "--set", "sample_eta=2"]) == 2
+    assert "sample_eta" in capsys.readouterr().err

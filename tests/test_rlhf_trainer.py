@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from hyperalign.cli import main as cli
 from rlhf.config import apply_overrides, tiny_cpu
 from rlhf.rewards import Brightness, RewardError
 from rlhf.sampling import encode_prompts, sample_with_logprob
 from rlhf.tiny import build_tiny_pipeline
-from rlhf.train import main
 from rlhf.trainer import LORA_CHECKPOINT_FILE, DDPOTrainer, NonFiniteTrainingError
 
 
@@ -124,7 +124,7 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     hist_full = full.train()
     ckpt = tmp_path / "full" / "checkpoints" / "checkpoint_00002"
     assert (ckpt / LORA_CHECKPOINT_FILE).is_file() and (ckpt / "config.json").is_file()
-    # Every checkpoint also holds the LoRA in the diffusers format (for hyperalign evaluate).
+    # Every checkpoint also holds the LoRA in the diffusers format (for hyperalign eval-checkpoints).
     assert (ckpt / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert not list((tmp_path / "full" / "checkpoints").glob(".tmp*"))  # atomic: no leftovers
 
@@ -301,8 +301,9 @@ def test_kl_to_reference_and_draft_modes(tmp_path):
 
 
 def test_main_end_to_end(tmp_path):
-    rc = main(
+    rc = cli(
         [
+            "rl-train",
             "--preset",
             "tiny-cpu",
             "--set",

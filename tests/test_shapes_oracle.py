@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from reward.shapes.oracle import (
+from shapes.oracle import (
     OracleConfig,
     ShapesOracleReward,
     oracle_alignment,
@@ -17,9 +17,9 @@ from reward.shapes.oracle import (
     oracle_facts,
     read_objects,
 )
-from reward.shapes.perturb import faithful_scene, perturbed_scenes
-from reward.shapes.prompts import evaluate_facts, parse_prompt, sample_prompt
-from reward.shapes.world import BACKGROUND, PALETTE, Scene, SceneObject, render, to_tensor
+from shapes.perturb import faithful_scene, perturbed_scenes
+from shapes.prompts import evaluate_facts, parse_prompt, sample_prompt
+from shapes.world import BACKGROUND, PALETTE, Scene, SceneObject, render, to_tensor
 
 
 def test_palette_is_well_separated_from_the_background():

@@ -19,12 +19,13 @@ import torch
 
 from reward import build_reward
 from reward.metrics import srcc
-from reward.shapes.perturb import RaterModel, faithful_scene, perturbed_scenes
-from reward.shapes.prompts import alignment
-from reward.shapes.world import render, to_tensor
+from shapes.assets import REWARD_DIR
+from shapes.perturb import RaterModel, faithful_scene, perturbed_scenes
+from shapes.prompts import alignment
+from shapes.world import render, to_tensor
 
 REPO = Path(__file__).resolve().parents[1]
-ASSET = REPO / "reward" / "assets" / "shapes"
+ASSET = REWARD_DIR
 NEW_SEED = 20260
 N_PROMPTS = 48
 
@@ -92,7 +93,9 @@ def shapes_reward():
 
 def test_shipped_checkpoint_is_small_and_safetensors():
     files = sorted(p.name for p in ASSET.iterdir())
-    assert files == ["clip.safetensors", "config.json", "model.safetensors"], files
+    assert files == ["clip.safetensors", "config.json", "model.safetensors", "shapes-clip.json"], (
+        files
+    )
     total = sum(p.stat().st_size for p in ASSET.iterdir())
     assert total <= 20 * 2**20, f"shipped shapes checkpoint is {total / 2**20:.1f} MiB > 20 MiB"
 
@@ -133,7 +136,7 @@ def test_shapes_reward_learned_alignment(shapes_reward, heldout_set):
 def test_clip_script_image_side_hard_negatives():
     """`--hard-negative-images`: each caption gets perturbed versions of its own scene as
     negative images; they differ from the faithful render and are none of them faithful."""
-    from reward.shapes.oracle import oracle_alignment_batch
+    from shapes.oracle import oracle_alignment_batch
 
     clip_script = _clip_script()
     rng = np.random.default_rng(3)

@@ -1,4 +1,4 @@
-"""The shipped shapes-world Stable Diffusion (rlhf/assets/shapes-sd) and its training script.
+"""The shipped shapes-world Stable Diffusion (shapes/assets/sd) and its training script.
 
 Tests that need the shipped pipeline skip when it is absent (rebuild it with
 ``scripts/train_shapes_sd.py``).
@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 import torch
 
+from shapes.assets import SD_DIR
+
 REPO = Path(__file__).resolve().parents[1]
-PIPE_DIR = REPO / "rlhf" / "assets" / "shapes-sd"
+PIPE_DIR = SD_DIR
 needs_pipeline = pytest.mark.skipif(
     not (PIPE_DIR / "model_index.json").is_file(),
     reason=f"no shipped pipeline at {PIPE_DIR} (run scripts/train_shapes_sd.py)",
@@ -99,7 +101,7 @@ def test_shipped_tokenizer_covers_grammar_and_heldout_fits(pipe, train_script):
 
 @needs_pipeline
 def test_heldout_prompts_never_used_in_training():
-    from reward.shapes.prompts import parse_prompt
+    from shapes.prompts import parse_prompt
 
     held = json.loads((PIPE_DIR / "heldout_prompts.json").read_text())
     train = set((PIPE_DIR / "train_prompts.txt").read_text().splitlines())
@@ -141,10 +143,10 @@ def test_shipped_pipeline_follows_heldout_prompts_better_than_random_scenes(pipe
     CFG 2, 20 steps) the shipped pipeline scores 0.55 [0.52, 0.58] vs 0.35 [0.32, 0.38] for
     random scenes; a pipeline trained for only 30 steps scored 0.01 (its images hold no shapes).
     Here: 16 prompts, 0.56 vs 0.33."""
-    from reward.shapes.oracle import oracle_alignment_batch
-    from reward.shapes.perturb import faithful_scene
-    from reward.shapes.prompts import sample_prompt
-    from reward.shapes.world import render, to_tensor
+    from shapes.oracle import oracle_alignment_batch
+    from shapes.perturb import faithful_scene
+    from shapes.prompts import sample_prompt
+    from shapes.world import render, to_tensor
 
     prompts = json.loads((PIPE_DIR / "heldout_prompts.json").read_text())[:16]
     gens = [torch.Generator().manual_seed(k) for k in range(len(prompts))]

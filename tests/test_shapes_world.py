@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from reward.shapes.dataset import COLUMNS, ShapesDatasetConfig, build_dataset, load_split, main
-from reward.shapes.perturb import KINDS, RaterModel, faithful_scene, perturb, perturbed_scenes
-from reward.shapes.prompts import (
+from hyperalign.cli import main as cli
+from shapes.dataset import COLUMNS, ShapesDatasetConfig, build_dataset, load_split
+from shapes.perturb import KINDS, RaterModel, faithful_scene, perturb, perturbed_scenes
+from shapes.prompts import (
     Entity,
     PromptSpec,
     Relation,
@@ -21,7 +22,7 @@ from reward.shapes.prompts import (
     parse_prompt,
     sample_prompt,
 )
-from reward.shapes.world import (
+from shapes.world import (
     COLORS,
     PALETTE,
     RELATIONS,
@@ -212,7 +213,22 @@ def test_dataset_is_prompt_disjoint_deterministic_and_round_trips(tmp_path):
 
 def test_cli_main_builds_a_dataset(tmp_path):
     out = tmp_path / "ds"
-    assert main(["--out", str(out), "--n-prompts", "4", "--seed", "1", "--image-size", "48"]) == 0
+    assert (
+        cli(
+            [
+                "shapes-data",
+                "--out",
+                str(out),
+                "--n-prompts",
+                "4",
+                "--seed",
+                "1",
+                "--image-size",
+                "48",
+            ]
+        )
+        == 0
+    )
     rows = load_split(out / "train.csv")
     assert np.asarray(Image.open(rows[0].image)).shape == (48, 48, 3)
     assert (out / "meta.json").is_file()

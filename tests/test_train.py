@@ -10,11 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 import reward.train as train_mod
+from hyperalign.cli import main as cli
 from reward import HyperAlign
 from reward.data import MissingImagesError, load_dataset
-from reward.evaluate import main as eval_main
 from reward.train import ABLATIONS, TrainConfig, make_split, param_groups, run_ablations
-from reward.train import main as train_main
 
 from .conftest import tiny_config
 from .test_data import make_subset
@@ -31,6 +30,14 @@ def subsets(shared_data, tmp_path_factory):
         "aigciqa2023": make_subset(shared_data, tmp, "aigciqa2023", 10, per_prompt=4),
         "pku-i2iqa": make_subset(shared_data, tmp, "pku-i2iqa", 8, per_prompt=4),
     }
+
+
+def train_main(argv):
+    return cli(["train-reward", "--debug", *argv])
+
+
+def eval_main(argv):
+    return cli(["eval-reward", "--debug", *argv])
 
 
 def _data_args(subsets, name):

@@ -243,13 +243,3 @@ def run(args: argparse.Namespace) -> int:
     if args.llava_command == "masking":
         return _run_masking(args)
     raise ValueError(f"unknown llava command {args.llava_command!r}; valid: score, masking")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hyperalign llava", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -21,11 +21,11 @@ wrong_count       an entity with count >= 2 gets one copy more or fewer       2 
 ================  ==========================================================  ================
 
 "(+1 count)": when the object belongs to an entity with a count. Prompts from
-:class:`~reward.shapes.prompts.PromptSampler` never repeat a (colour, shape) across entities,
+:class:`~shapes.prompts.PromptSampler` never repeat a (colour, shape) across entities,
 which keeps these numbers exact (``tests/test_shapes_world.py`` checks each against the scorer).
 ``double`` applies two different kinds in turn; its alignment comes from the scorer only.
 
-The true alignment of any scene is always computed by :func:`reward.shapes.prompts.alignment`
+The true alignment of any scene is always computed by :func:`shapes.prompts.alignment`
 from the scene's objects, never from these tables.
 
 Simulated MOS (:class:`RaterModel`): a pool of raters, each with a fixed bias
@@ -41,8 +41,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from reward.shapes.prompts import PromptSpec, alignment
-from reward.shapes.world import (
+from shapes.prompts import PromptSpec, alignment
+from shapes.world import (
     COLORS,
     RELATIONS,
     SHAPES,

@@ -27,8 +27,8 @@ Pipeline for one RGB image (float, [0, 1]):
    ``circle_max_harmonic`` for both -> circle; otherwise the larger harmonic decides. This
    is rotation invariant.
 6. **Size** from the soft area: the equal-area radius compared with
-   :attr:`~reward.shapes.world.WorldConfig.size_threshold`. **Position** = alpha-weighted
-   centroid. Relations and scoring are then exactly :func:`reward.shapes.prompts.alignment`.
+   :attr:`~shapes.world.WorldConfig.size_threshold`. **Position** = alpha-weighted
+   centroid. Relations and scoring are then exactly :func:`shapes.prompts.alignment`.
 
 Known failure modes (measured figures: ``scripts/bench_oracle.py``):
 
@@ -60,8 +60,8 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
-from reward.shapes.prompts import Fact, PromptSpec, alignment, as_facts, evaluate_facts
-from reward.shapes.world import PALETTE, WorldConfig
+from shapes.prompts import Fact, PromptSpec, alignment, as_facts, evaluate_facts
+from shapes.world import PALETTE, WorldConfig
 
 _PALETTE_NAMES = tuple(PALETTE)
 _PALETTE_RGB = np.array([PALETTE[c] for c in _PALETTE_NAMES], dtype=np.float64) / 255.0  # (K, 3)
@@ -104,7 +104,7 @@ class OracleConfig:
 @dataclass(frozen=True)
 class DetectedObject:
     """An object read from an image. Same attributes as a
-    :class:`~reward.shapes.world.SceneObject` where scoring needs them."""
+    :class:`~shapes.world.SceneObject` where scoring needs them."""
 
     shape: str
     """``circle``, ``square``, ``triangle`` or ``other`` (an object-like blob of no known

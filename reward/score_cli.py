@@ -66,9 +66,3 @@ def run(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r['image']:<{width}}  " + "  ".join(f"{r[c]:8.4f}" for c in cols))
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hyperalign score", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))

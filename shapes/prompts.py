@@ -22,7 +22,7 @@ Facts. An entity with count ``n`` stands for ``n`` *slots* (one per object). The
 - ``total``: the scene has exactly as many objects as the prompt describes (the prompt describes
   the whole scene, so an extra object is an error);
 - per relation: ``relation`` (the subject slot's object is <relation> the object slot's
-  object, see :func:`reward.shapes.world.relation_holds`).
+  object, see :func:`shapes.world.relation_holds`).
 
 Scoring a scene (any objects with ``shape, color, size, cx, cy``): slots are bound to distinct
 objects (or to nothing) by the assignment that satisfies the most facts (exhaustive search;
@@ -45,7 +45,7 @@ from typing import Protocol
 
 import numpy as np
 
-from reward.shapes.world import COLORS, RELATIONS, SHAPES, SIZES, relation_holds
+from shapes.world import COLORS, RELATIONS, SHAPES, SIZES, relation_holds
 
 NUMBER_WORDS: dict[int, str] = {1: "a", 2: "two", 3: "three"}
 """Count -> word (``a``/``an`` for one)."""
@@ -55,8 +55,8 @@ MAX_OBJECTS = 3
 
 
 class HasAttributes(Protocol):
-    """What scoring needs from an object (a :class:`~reward.shapes.world.SceneObject`, or a
-    :class:`~reward.shapes.oracle.DetectedObject`)."""
+    """What scoring needs from an object (a :class:`~shapes.world.SceneObject`, or a
+    :class:`~shapes.oracle.DetectedObject`)."""
 
     shape: str
     color: str
@@ -70,11 +70,11 @@ class Entity:
     """``count`` objects of one colour and shape, optionally of one size class."""
 
     color: str
-    """One of :data:`~reward.shapes.world.COLORS`."""
+    """One of :data:`~shapes.world.COLORS`."""
     shape: str
-    """One of :data:`~reward.shapes.world.SHAPES`."""
+    """One of :data:`~shapes.world.SHAPES`."""
     size: str | None = None
-    """One of :data:`~reward.shapes.world.SIZES`, or ``None`` (unspecified: any size)."""
+    """One of :data:`~shapes.world.SIZES`, or ``None`` (unspecified: any size)."""
     count: int = 1
     """How many such objects (1-3)."""
 
@@ -106,7 +106,7 @@ class Relation:
     subject: int
     """Index of the subject entity."""
     relation: str
-    """One of :data:`~reward.shapes.world.RELATIONS`."""
+    """One of :data:`~shapes.world.RELATIONS`."""
     object: int
     """Index of the object entity."""
 

@@ -3,17 +3,17 @@ with a generic CSV per split.
 
 Usage::
 
-    python -m reward.shapes.dataset --out runs/shapes_data --n-prompts 1000 --seed 0
+    hyperalign shapes-data --out runs/shapes_data --n-prompts 1000 --seed 0
 
 Layout of ``--out``::
 
     train.csv  val.csv  test.csv  meta.json  images/{train,val,test}/<prompt>_<variant>.png
 
 CSV columns (header first): ``image`` (path relative to the CSV's folder), ``prompt``,
-``score`` (simulated MOS on 1-5, see :class:`~reward.shapes.perturb.RaterModel`), then the
+``score`` (simulated MOS on 1-5, see :class:`~shapes.perturb.RaterModel`), then the
 ground truth: ``alignment`` (fraction of the prompt's facts satisfied), ``perturbation``
-(``faithful``, a kind of :data:`~reward.shapes.perturb.KINDS` or ``double:<k1>+<k2>``),
-``n_facts`` and ``scene`` (JSON of the objects, :meth:`~reward.shapes.world.Scene.to_json`).
+(``faithful``, a kind of :data:`~shapes.perturb.KINDS` or ``double:<k1>+<k2>``),
+``n_facts`` and ``scene`` (JSON of the objects, :meth:`~shapes.world.Scene.to_json`).
 Readers that only know ``image,prompt,score`` can ignore the rest.
 
 Per prompt: ``faithful_per_prompt`` faithful scenes, every applicable single perturbation of
@@ -36,9 +36,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from reward.shapes.perturb import RaterModel, faithful_scene, perturbed_scenes
-from reward.shapes.prompts import PromptSampler, PromptSpec, alignment, sample_prompt
-from reward.shapes.world import PALETTE, RenderConfig, Scene, WorldConfig, render
+from shapes.perturb import RaterModel, faithful_scene, perturbed_scenes
+from shapes.prompts import PromptSampler, PromptSpec, alignment, sample_prompt
+from shapes.world import PALETTE, RenderConfig, Scene, WorldConfig, render
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 COLUMNS: tuple[str, ...] = (
@@ -273,19 +273,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m reward.shapes.dataset --out DIR [--n-prompts N] [--seed S] ...``"""
-    parser = argparse.ArgumentParser(
-        prog="python -m reward.shapes.dataset", description=__doc__.split("\n\n")[0]
-    )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
 __all__ = [
     "COLUMNS",
     "SPLITS",
@@ -293,7 +280,6 @@ __all__ = [
     "ShapesRow",
     "build_dataset",
     "load_split",
-    "main",
     "sample_prompts",
     "split_prompts",
 ]
