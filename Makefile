@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo test test-slow lint format bench clean
+.PHONY: setup demo test test-slow lint format bench device-check clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ format: $(STAMP)
 
 bench: $(STAMP)  ## CPU benchmarks (tables go to BENCHMARKS.md by hand)
 	$(PY) scripts/bench_reward.py
+
+device-check: $(STAMP)  ## on a GPU machine: the GPU figures BENCHMARKS.md lacks (DEVICE_CHECK_TINY=1 on CPU)
+	PYTHON=$(PY) bash scripts/device_check.sh
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

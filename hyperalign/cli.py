@@ -32,7 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "rl-train": ("rlhf.train", "RL fine-tuning of Stable Diffusion (DDPO with LoRA)"),
     "eval-checkpoints": (
-        "rlhf.checkpoint_eval",
+        "rlhf.evaluation.cli",
         "compare generator checkpoints: generate with pipeline/LoRAs, score, report",
     ),
     "demo": ("rlhf.demo", "the main job: RL on the shapes world, judged by its oracle"),

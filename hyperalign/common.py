@@ -21,7 +21,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +30,18 @@ import torch
 # ---------------------------------------------------------------------------------- files
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _tmp_sibling(path: Path, suffix: str = "") -> Path:
-    """A unique hidden temporary name next to ``path`` (same file system, so rename is atomic)."""
+    """A unique hidden temporary name next to ``path`` (same file system, so rename is atomic),
+    with the permissions an ordinary ``open(path, "w")`` would give (``mkstemp`` makes 0600)."""
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=suffix, dir=path.parent)
     os.close(fd)
+    os.chmod(name, 0o666 & ~_umask())
     return Path(name)
 
 
@@ -122,7 +130,12 @@ def _stale_siblings(target: Path, kind: str) -> list[Path]:
         if not p.name.startswith(prefix):
             continue
         pid_text = p.name[len(prefix) :].split("-")[0]
-        if pid_text.isdigit() and int(pid_text) != os.getpid() and _pid_alive(int(pid_text)):
+        if not pid_text.isdigit():
+            continue  # not named by this module
+        pid = int(pid_text)
+        if pid == os.getpid() and kind == "tmp":
+            continue  # this process is still writing it
+        if pid != os.getpid() and _pid_alive(pid):
             continue  # another live process is writing it
         out.append(p)
     return out
@@ -133,7 +146,9 @@ def make_tmp_dir(target: str | os.PathLike) -> Path:
     up if this process dies (``.{name}.tmp-{pid}-{random}``)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+    tmp = tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent)
+    os.chmod(tmp, 0o777 & ~_umask())  # as mkdir would (mkdtemp makes 0700)
+    return Path(tmp)
 
 
 def recover_dir(target: str | os.PathLike) -> Path:
@@ -277,11 +292,3 @@ def shared_data_dir() -> Path:
     if env:
         return Path(env)
     return Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def first_existing(candidates: Sequence[str | os.PathLike]) -> Path | None:
-    """The first of ``candidates`` that exists, or ``None``."""
-    for c in candidates:
-        if Path(c).exists():
-            return Path(c)
-    return None

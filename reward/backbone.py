@@ -111,6 +111,23 @@ def _offline_error(what: str) -> BackboneUnavailableError:
     )
 
 
+def _check_weights_file(path: str) -> None:
+    """Read the header of a local ``.safetensors`` weights file: a truncated or corrupt file is
+    a ``ValueError`` naming it and the fix (open_clip's own error names neither)."""
+    if not path.endswith(".safetensors"):
+        return
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt"):
+            pass
+    except SafetensorError as err:
+        raise ValueError(
+            f"cannot read the backbone weights {path}: it is truncated or not a safetensors "
+            f"file ({err}); copy or download it again"
+        ) from err
+
+
 def load_backbone(
     backbone: str,
     pretrained: str | None,
@@ -123,60 +140,15 @@ def load_backbone(
     ``base_dir``: directory against which a relative ``pretrained`` file path is resolved
     (the checkpoint directory when loading a saved HyperAlign).
     Raises ``BackboneUnavailableError`` at once, with what to do, when pretrained weights
-    would have to be downloaded but the hub cannot be reached.
+    would have to be downloaded but the hub cannot be reached; a local weights file that is
+    truncated, damaged or holds NaN / infinities is a ``ValueError`` naming it.
     """
     import open_clip
-    from open_clip.pretrained import get_pretrained_cfg
 
     register_project_configs()
-    kwargs: dict = {}
-    if backbone.startswith(("hf-hub:", "local-dir:")):
-        if backbone.startswith("hf-hub:") and not _hub_reachable():
-            # open_clip would retry the download for about a minute before failing.
-            raise _offline_error(backbone)
-        model_pretrained = None
-    elif pretrained is None:
-        model_pretrained = None
-    else:
-        if base_dir is not None and not os.path.isabs(pretrained):
-            candidate = Path(base_dir) / pretrained
-            if candidate.is_file():
-                pretrained = str(candidate)
-        if os.path.isfile(pretrained):
-            model_pretrained = pretrained
-        else:
-            tag_cfg = get_pretrained_cfg(backbone, pretrained)
-            if not tag_cfg:
-                raise ValueError(
-                    f"pretrained={pretrained!r} is neither a file nor a known open_clip tag for "
-                    f"{backbone!r}; known tags: {open_clip.list_pretrained_tags_by_model(backbone)}"
-                )
-            kwargs["force_quick_gelu"] = bool(tag_cfg.get("quick_gelu", False))
-            model_pretrained = pretrained
-            if not _hub_reachable():
-                cached = _cached_tag_weights(backbone, pretrained)
-                if cached is None:
-                    raise _offline_error(f"open_clip {backbone!r} pretrained={pretrained!r}")
-                model_pretrained = cached
-    if (
-        not backbone.startswith(("hf-hub:", "local-dir:"))
-        and backbone not in open_clip.list_models()
-        and model_pretrained is not None
-        and os.path.isfile(model_pretrained)
-    ):
-        sibling = Path(model_pretrained).with_name(f"{backbone}.json")
-        if sibling.is_file():  # the checkpoint carries its own architecture
-            register_model_config(sibling)
-    if (
-        not backbone.startswith(("hf-hub:", "local-dir:"))
-        and backbone not in open_clip.list_models()
-    ):
-        raise ValueError(
-            f"unknown open_clip architecture {backbone!r}; use one of open_clip.list_models() "
-            "(e.g. 'ViT-B-16', or this project's 'hyperalign-tiny'), an 'hf-hub:' / "
-            "'local-dir:' id, or register yours with reward.backbone.register_model_config(path)"
-        )
-    model = open_clip.create_model(backbone, pretrained=model_pretrained, device=device, **kwargs)
+    model_pretrained, kwargs = _resolve_pretrained(backbone, pretrained, base_dir)
+    _check_architecture(backbone, model_pretrained)
+    model = _create_model(backbone, model_pretrained, device, kwargs)
     tokenizer = open_clip.get_tokenizer(backbone)
     visual = model.visual
     pcfg = getattr(visual, "preprocess_cfg", None) or {}
@@ -191,3 +163,85 @@ def load_backbone(
         with torch.no_grad():
             embed_dim = int(model.encode_text(tokenizer(["a"]).to(device)).shape[-1])
     return Backbone(model, tokenizer, tuple(size), mean, std, context_length, embed_dim)
+
+
+def _resolve_pretrained(
+    backbone: str, pretrained: str | None, base_dir: str | os.PathLike | None
+) -> tuple[str | None, dict]:
+    """What to pass open_clip as ``pretrained`` (a file, a tag, a cached file or ``None``) and
+    the extra ``create_model`` arguments of that tag."""
+    import open_clip
+    from open_clip.pretrained import get_pretrained_cfg
+
+    if backbone.startswith(("hf-hub:", "local-dir:")):
+        if backbone.startswith("hf-hub:") and not _hub_reachable():
+            # open_clip would retry the download for about a minute before failing.
+            raise _offline_error(backbone)
+        return None, {}
+    if pretrained is None:
+        return None, {}
+    if base_dir is not None and not os.path.isabs(pretrained):
+        candidate = Path(base_dir) / pretrained
+        if candidate.is_file():
+            pretrained = str(candidate)
+    if os.path.isfile(pretrained):
+        return pretrained, {}
+    tag_cfg = get_pretrained_cfg(backbone, pretrained)
+    if not tag_cfg:
+        raise ValueError(
+            f"pretrained={pretrained!r} is neither a file nor a known open_clip tag for "
+            f"{backbone!r}; known tags: {open_clip.list_pretrained_tags_by_model(backbone)}"
+        )
+    kwargs = {"force_quick_gelu": bool(tag_cfg.get("quick_gelu", False))}
+    if not _hub_reachable():
+        cached = _cached_tag_weights(backbone, pretrained)
+        if cached is None:
+            raise _offline_error(f"open_clip {backbone!r} pretrained={pretrained!r}")
+        return cached, kwargs
+    return pretrained, kwargs
+
+
+def _check_architecture(backbone: str, model_pretrained: str | None) -> None:
+    """Register an architecture carried beside its weights file (``<name>.json``); an
+    architecture open_clip still does not know is an error saying how to register it."""
+    import open_clip
+
+    if backbone.startswith(("hf-hub:", "local-dir:")) or backbone in open_clip.list_models():
+        return
+    if model_pretrained is not None and os.path.isfile(model_pretrained):
+        sibling = Path(model_pretrained).with_name(f"{backbone}.json")
+        if sibling.is_file():  # the checkpoint carries its own architecture
+            register_model_config(sibling)
+    if backbone not in open_clip.list_models():
+        raise ValueError(
+            f"unknown open_clip architecture {backbone!r}; use one of open_clip.list_models() "
+            "(e.g. 'ViT-B-16', or this project's 'hyperalign-tiny'), an 'hf-hub:' / "
+            "'local-dir:' id, or register yours with reward.backbone.register_model_config(path)"
+        )
+
+
+def _create_model(backbone: str, model_pretrained: str | None, device, kwargs: dict):
+    """``open_clip.create_model``; a local weights file that cannot be loaded, or that holds
+    NaN / infinities, is a ``ValueError`` naming the file and the fix."""
+    import open_clip
+
+    local = model_pretrained is not None and os.path.isfile(model_pretrained)
+    if local:
+        _check_weights_file(model_pretrained)
+    try:
+        model = open_clip.create_model(
+            backbone, pretrained=model_pretrained, device=device, **kwargs
+        )
+    except Exception as err:
+        if not local:
+            raise
+        raise ValueError(
+            f"cannot load the backbone weights {model_pretrained} into {backbone!r}: "
+            f"{type(err).__name__}: {err}. The file is damaged or holds another architecture; "
+            "copy or download it again (or point HyperAlignConfig.pretrained at the right file)."
+        ) from err
+    if local:
+        from .model import check_finite
+
+        check_finite(model.state_dict(), f"backbone weights {model_pretrained}")
+    return model

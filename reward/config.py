@@ -1,17 +1,97 @@
 """HyperAlign configuration: one typed dataclass, every field documented where it is defined.
 
 Values marked [ours] are this project's reading where the paper (arXiv 2601.04614) leaves
-them open; see ../shared/design/hyperalign.md.
+them open (docs/hyperalign.md, "Readings [ours]"). Every value is type-checked when a config
+is built (also from a ``config.json``): a wrong type is a ``ValueError`` naming the field and
+the type it needs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 TUNING_MODES = ("adapter", "lora", "full", "frozen")
+
+
+_TYPE_NAMES = {float: "a number", int: "an integer", bool: "true or false", str: "a string"}
+
+
+def _type_name(hint: Any) -> str:
+    """``a number``, ``a string or None``, ``a list of 2 numbers``, ... for error messages."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if hint is type(None):
+        return "None"
+    if typing.get_origin(hint) is tuple:
+        item = _type_name(args[0]).split(" ", 1)[1] + "s"  # "a number" -> "numbers"
+        return f"a list of {item}" if args[-1] is Ellipsis else f"a list of {len(args)} {item}"
+    if typing.get_origin(hint) is dict:
+        return "a JSON object"
+    return _TYPE_NAMES[hint]
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """``value`` checked against the annotation ``hint`` (ints are accepted as floats, lists as
+    tuples); ``ValueError`` naming the field and the expected type otherwise."""
+
+    def bad() -> ValueError:
+        return ValueError(
+            f"HyperAlignConfig.{name} must be {_type_name(hint)}, got {value!r} "
+            f"({type(value).__name__})"
+        )
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise bad()
+        (inner,) = [a for a in args if a is not type(None)]
+        if not _fits(value, inner):
+            raise bad()
+        return _coerce(name, value, inner)
+    if not _fits(value, hint):
+        raise bad()
+    if hint is float:
+        if not math.isfinite(value):
+            raise ValueError(f"HyperAlignConfig.{name} must be a finite number, got {value!r}")
+        return float(value)
+    if hint is int:
+        return int(value)
+    if origin is tuple:
+        inner = [args[0]] * len(value) if args[-1] is Ellipsis else list(args)
+        return tuple(_coerce(name, v, h) for v, h in zip(value, inner))
+    return value
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` has the (non-optional) type ``hint``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False
+        if args[-1] is Ellipsis:
+            return all(_fits(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_fits(v, h) for v, h in zip(value, args))
+    if origin is dict:
+        return isinstance(value, dict)
+    return True
 
 
 @dataclass
@@ -76,6 +156,9 @@ class HyperAlignConfig:
     """Free-form provenance (dataset, seed, metrics); saved, never interpreted."""
 
     def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
         if self.tuning not in TUNING_MODES:
             raise ValueError(
                 f"HyperAlignConfig.tuning={self.tuning!r} is not one of {TUNING_MODES}"
@@ -93,18 +176,29 @@ class HyperAlignConfig:
             raise ValueError(
                 f"HyperAlignConfig.reg_loss={self.reg_loss!r}: use 'mse', 'l1' or 'mse+plcc'"
             )
-        self.lora_targets = tuple(self.lora_targets)
+        for name in ("adapter_width", "lora_rank", "regressor_width"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"HyperAlignConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.k <= 0:
+            raise ValueError(f"HyperAlignConfig.k (cone constant) must be > 0, got {self.k}")
+        if self.ent_weight < 0:
+            raise ValueError(f"HyperAlignConfig.ent_weight must be >= 0, got {self.ent_weight}")
         if self.target_range is not None:
-            lo, hi = (float(v) for v in self.target_range)
+            lo, hi = self.target_range
             if not hi > lo:
                 raise ValueError(f"HyperAlignConfig.target_range must have max > min, got {lo, hi}")
-            self.target_range = (lo, hi)
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict (tuples as tuples; ``json`` writes them as lists)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HyperAlignConfig:
+        """Build from a ``config.json``-style dict; unknown fields and wrong types are errors."""
+        if not isinstance(data, dict):
+            raise ValueError(
+                f"a HyperAlignConfig needs a JSON object of fields, got {type(data).__name__}"
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -114,9 +208,11 @@ class HyperAlignConfig:
         return cls(**data)
 
     def to_json(self) -> str:
+        """The fields as indented JSON text (keys sorted)."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     def replace(self, **overrides: Any) -> HyperAlignConfig:
+        """A copy with ``overrides`` applied (checked like a new config)."""
         bad = sorted(set(overrides) - {f.name for f in dataclasses.fields(self)})
         if bad:
             raise ValueError(f"unknown HyperAlignConfig fields {bad}")

@@ -14,22 +14,29 @@ Label formats (``FORMATS``):
 - ``csv``: a generic CSV with a header holding ``image,prompt,score`` (other columns ignored)
   for a user's own data.
 
-Image paths in a label file are relative to ``--image-root``; a path not found there is also
-looked up by its file name directly under the root (a flat image folder).
+Label files are read as UTF-8 (a byte-order mark, as spreadsheet programs write it, is
+skipped); a file in another encoding is an error naming it. Image paths in a label file are
+relative to ``--image-root``; a path not found there is also looked up by its file name
+directly under the root (a flat image folder).
 
-Targets are min-max normalised per dataset to [0, 1] [ours, hyperalign.md section 1]; the
-bounds travel with the checkpoint (``HyperAlignConfig.target_range``).
+Targets are min-max normalised per dataset to [0, 1] [ours]; the bounds travel with the
+checkpoint (``HyperAlignConfig.target_range``).
 
 Splits are prompt-grouped ("the same prompt appears only in one subset", the paper's
 protocol): seeded, test fraction 1/5 for AGIQA-3K and AIGCIQA2023, 1/4 for PKU-I2IQA, and a
 validation subset carved from the training prompts. ``canonical`` splits read AMFF-Net's 10
 AGIQA-3K split folders (prompt-disjoint); the single AIGCIQA2023 / PKU-I2IQA split files are
-split by image and are refused as splits (they stay label sources).
+split by image and are refused as splits (they stay label sources). A split carries SHA-256
+fingerprints of its subsets and of the labels (:meth:`Split.fingerprint`), so that a split
+rebuilt later from a label file can be checked to be the one a checkpoint was trained on.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
+import json
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -107,6 +114,16 @@ class IQADataset:
         lo, hi = self.target_range
         return score * (hi - lo) + lo
 
+    def fingerprint(self) -> str:
+        """SHA-256 of the labels ``(image, prompt, mos)`` regardless of their row order."""
+        return _digest(sorted((s.image, s.prompt, repr(float(s.mos))) for s in self.samples))
+
+
+def _digest(records: Sequence) -> str:
+    """SHA-256 (hex) of a list of JSON-able records."""
+    text = json.dumps(list(records), ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
 
 # ------------------------------------------------------------------------------- readers
 def _number(text: str, path: Path, line: int, column: str) -> float:
@@ -128,14 +145,31 @@ def _text(value: str | None, path: Path, line: int, column: str) -> str:
     return value
 
 
-def _read_header_csv(path: Path, required: dict[str, str]) -> list[Sample]:
-    """A CSV with a header; ``required`` maps our role (image/prompt/score) to a column."""
+def _decode_error(path: Path, err: UnicodeDecodeError) -> LabelFileError:
+    bad = err.object[err.start : err.start + 1]
+    return LabelFileError(
+        f"label file {path} is not UTF-8 text (byte {bad!r} at offset {err.start}; probably "
+        "Latin-1 / Windows-1252, as some spreadsheet exports write). Re-save it as UTF-8, e.g. "
+        f"iconv -f latin1 -t utf-8 {path} > fixed.csv"
+    )
+
+
+def _read_label_text(path: Path) -> str:
+    """The whole label file as text: UTF-8, a leading byte-order mark dropped."""
     try:
-        handle = path.open(newline="", encoding="utf-8")
+        data = path.read_bytes()
     except OSError as err:
         raise LabelFileError(f"cannot open label file {path}: {err}") from err
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise _decode_error(path, err) from None
+
+
+def _read_header_csv(path: Path, required: dict[str, str]) -> list[Sample]:
+    """A CSV with a header; ``required`` maps our role (image/prompt/score) to a column."""
     samples = []
-    with handle:
+    with io.StringIO(_read_label_text(path), newline="") as handle:
         reader = csv.DictReader(handle)
         header = reader.fieldnames or []
         missing = [c for c in required.values() if c not in header]
@@ -185,10 +219,7 @@ AMFF_COLUMNS = {
 def read_amff_file(path: str | os.PathLike) -> list[Sample]:
     """One AMFF-Net tab-separated split file (no header; 4 or 5 fields per line)."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as err:
-        raise LabelFileError(f"cannot open label file {path}: {err}") from err
+    lines = _read_label_text(path).splitlines()
     samples = []
     n_fields = None
     for number, raw in enumerate(lines, start=1):
@@ -267,7 +298,7 @@ class DatasetSpec:
 
     format: str  # a key of READERS
     test_fraction: float  # share of prompts held out for test (4:1 -> 0.2, 3:1 -> 0.25)
-    labels_hint: str  # where the label file is in ../shared/data/iqa (for --help and errors)
+    labels_hint: str  # the label file in the reference data ($HYPERALIGN_SHARED_DATA)
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -337,6 +368,13 @@ class Split:
                     f"split {self.mode}: {len(shared)} prompt(s) appear in both {a} and {b} "
                     f"(e.g. {sorted(shared)[:3]}); splits must be prompt-disjoint"
                 )
+
+    def fingerprint(self) -> dict[str, str]:
+        """SHA-256 of each subset's sorted ``(image, prompt)`` keys: ``{"train": ..., ...}``."""
+        return {
+            name: _digest(sorted((s.image, s.prompt) for s in items))
+            for name, items in self.subsets().items()
+        }
 
     def describe(self) -> dict:
         return {

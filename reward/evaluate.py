@@ -5,16 +5,20 @@ fit, KRCC, RMSE), ``predictions.csv`` and ``scatter.png`` (prediction vs. MOS wi
 logistic curve); with several checkpoints (e.g. the ``split_*/best`` of a ``--splits N`` run)
 also ``summary.json`` with mean ± std.
 
-Within-dataset (the test subset of the split the checkpoint was trained on; the split is
-recomputed from the seed and fractions stored in the checkpoint)::
+Within-dataset (the test subset of the split the checkpoint was trained on: the split is
+rebuilt from the seed and fractions stored in the checkpoint, and refused unless its SHA-256
+fingerprints match those stored at training time, so a label file that differs from the
+training one, even only in row order, cannot pass training images off as test images)::
 
     hyperalign eval-reward --model runs/agiqa3k/split_*/best --dataset agiqa3k \\
-        --labels data/iqa/agiqa3k/data.csv --image-root AGIQA-3K/ --subset test --out eval/
+        --labels $IQA/agiqa3k/data.csv --image-root AGIQA-3K/ --subset test --out eval/
 
 Cross-dataset (trained on AIGCIQA2023, tested on all of AGIQA-3K)::
 
     hyperalign eval-reward --model runs/aigciqa2023/split_0/best --dataset agiqa3k \\
-        --labels data/iqa/agiqa3k/data.csv --image-root AGIQA-3K/ --subset all --out eval/x
+        --labels $IQA/agiqa3k/data.csv --image-root AGIQA-3K/ --subset all --out eval/x
+
+(``$IQA`` stands for the folder holding the label files.)
 
 Scores are on the normalised [0, 1] scale; targets are each dataset's MOS min-max
 normalised with its own bounds, so RMSE is in those units and cross-dataset numbers compare.
@@ -24,14 +28,15 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
-import os
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+
+from hyperalign.common import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 from .data import (
     DATASETS,
@@ -107,10 +112,9 @@ def make_loader(
 def write_predictions(
     path: Path, samples: Sequence[Sample], dataset: IQADataset, outputs: dict[str, np.ndarray]
 ) -> None:
-    """CSV: image, prompt, mos, target (normalised), score, score_mos (on the MOS scale), ..."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as handle:
+    """CSV: image, prompt, mos, target (normalised), score, score_mos (on the MOS scale), ...
+    (written atomically)."""
+    with io.StringIO(newline="") as handle:
         writer = csv.writer(handle)
         extra = [k for k in OUTPUT_KEYS if k != "score"]
         writer.writerow(["image", "prompt", "mos", "target", "score", "score_mos", *extra])
@@ -127,7 +131,7 @@ def write_predictions(
                     *(f"{float(outputs[k][i]):.6f}" for k in extra),
                 ]
             )
-    os.replace(tmp, path)
+        atomic_write_text(path, handle.getvalue())
 
 
 def scatter_plot(
@@ -156,10 +160,9 @@ def scatter_plot(
     )
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    atomic_write_bytes(path, png.getvalue())
 
 
 def evaluate_samples(
@@ -196,28 +199,56 @@ def evaluate_samples(
         out_dir = Path(out_dir)
         write_predictions(out_dir / "predictions.csv", samples, dataset, outputs)
         scatter_plot(out_dir / "scatter.png", outputs["score"], mos, dataset, title, metrics)
-        _write_json(out_dir / "metrics.json", metrics)
+        atomic_write_json(out_dir / "metrics.json", metrics)
     return metrics
 
 
-def _write_json(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+def split_from_extra(dataset: IQADataset, extra: dict, source: object = "the checkpoint") -> Split:
+    """Rebuild the split a checkpoint was trained on from its ``config.extra["split"]``.
 
-
-def split_from_extra(dataset: IQADataset, extra: dict) -> Split:
-    """Rebuild the split a checkpoint was trained on from its ``config.extra["split"]``."""
+    The rebuilt subsets and the labels must match the SHA-256 fingerprints stored at training
+    time (``subsets_sha256``, ``labels_sha256``); otherwise a ``ValueError`` says why (other
+    labels, the same labels in another row order) and what to do.
+    """
     info = extra.get("split")
     if not info or extra.get("dataset") != dataset.name:
         raise ValueError(
-            f"the checkpoint was trained on {extra.get('dataset')!r}, not {dataset.name!r}, or "
+            f"{source} was trained on {extra.get('dataset')!r}, not {dataset.name!r}, or "
             "stores no split; use --subset all (cross-dataset evaluation)"
         )
+    if "subsets_sha256" not in info or "labels_sha256" not in info:
+        raise ValueError(
+            f"{source} stores no fingerprint of its split, so a split rebuilt from the given "
+            "labels cannot be checked to be the one it was trained on; use --subset all, or "
+            "retrain it with this version of hyperalign train-reward"
+        )
     if info["mode"].startswith("canonical:"):
-        return canonical_split(dataset, info["dir"], info["val_fraction"], info["seed"])
-    return prompt_split(dataset, info["test_fraction"], info["val_fraction"], info["seed"])
+        split = canonical_split(dataset, info["dir"], info["val_fraction"], info["seed"])
+    else:
+        split = prompt_split(dataset, info["test_fraction"], info["val_fraction"], info["seed"])
+    _check_fingerprints(dataset, split, info, extra.get("labels"), source)
+    return split
+
+
+def _check_fingerprints(
+    dataset: IQADataset, split: Split, info: dict, labels: str | None, source: object
+) -> None:
+    """Refuse a rebuilt split whose labels or subsets differ from the stored fingerprints."""
+    trained_on = f" ({labels})" if labels else ""
+    if dataset.fingerprint() != info["labels_sha256"]:
+        raise ValueError(
+            f"these labels differ from the ones {source} was trained on{trained_on}: other "
+            "images, prompts or scores. Its train/val/test split cannot be rebuilt from them; "
+            "pass the training label file, or use --subset all"
+        )
+    changed = [k for k, v in split.fingerprint().items() if info["subsets_sha256"].get(k) != v]
+    if changed:
+        raise ValueError(
+            f"the {'/'.join(changed)} subset(s) rebuilt from these labels differ from the ones "
+            f"{source} was trained on: most likely the label file holds the same rows in "
+            "another order (the seeded split depends on the row order). Pass the training "
+            f"label file{trained_on} unchanged, or use --subset all"
+        )
 
 
 def format_table(rows: dict[str, dict], keys: Sequence[str] = METRIC_NAMES) -> str:
@@ -245,7 +276,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--labels",
         required=True,
-        help="label file or AMFF-Net split folder (e.g. ../shared/data/iqa/agiqa3k/data.csv)",
+        help="label file or AMFF-Net split folder (e.g. $IQA/agiqa3k/data.csv)",
     )
     parser.add_argument(
         "--image-root",
@@ -272,7 +303,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["all", "test", "val", "train"],
         default="all",
         help="'all' scores every labelled image (cross-dataset); 'test'/'val'/'train' rebuild "
-        "the split stored in each checkpoint (default: %(default)s)",
+        "the split stored in each checkpoint and check it against the fingerprints stored "
+        "there (default: %(default)s)",
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if present)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
@@ -292,7 +324,7 @@ def run(args: argparse.Namespace) -> int:
         if args.subset == "all":
             samples = dataset.samples
         else:
-            split = split_from_extra(dataset, model.config.extra)
+            split = split_from_extra(dataset, model.config.extra, source=path)
             samples = split.subsets()[args.subset]
         title = f"{path} on {dataset.name} ({args.subset}, {len(samples)} images)"
         rows[name] = evaluate_samples(
@@ -310,7 +342,7 @@ def run(args: argparse.Namespace) -> int:
     table = dict(rows)
     if len(rows) > 1:
         summary = mean_std(list(rows.values()))
-        _write_json(out / "summary.json", {k: list(v) for k, v in summary.items()})
+        atomic_write_json(out / "summary.json", {k: list(v) for k, v in summary.items()})
         table["mean ± std"] = summary
     print(format_table(table))
     return 0

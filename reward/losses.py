@@ -1,4 +1,4 @@
-"""HyperAlign training losses (hyperalign.md section 4).
+"""HyperAlign training losses (docs/hyperalign.md, "Losses").
 
 ``L = L_reg(score, s) + lambda * L_ent``, with the *dynamic supervised entailment* loss
 ``L_ent = mean(max(0, phi - delta * (1 - a_shrink * s)))``: a pair with target ``s`` must put

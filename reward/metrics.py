@@ -4,7 +4,7 @@
 - KRCC: Kendall's tau-b (tie-corrected).
 - PLCC: Pearson correlation, raw, and after the 4-parameter logistic mapping of the VQEG
   convention used in IQA papers, ``f(x) = (b1 - b2) / (1 + exp(-(x - b3) / |b4|)) + b2``
-  (VQEG FR-TV Phase II final report, 2003; "4- or 5-parameter" in hyperalign.md section 5).
+  (VQEG FR-TV Phase II final report, 2003; the paper fits a "4- or 5-parameter" logistic).
 - RMSE: raw, and after the logistic mapping.
 
 Inputs are 1-D array-likes of equal length; outputs plain floats (``nan`` when undefined,

@@ -1,4 +1,4 @@
-"""The HyperAlign model (hyperalign.md section 3).
+"""The HyperAlign model (docs/hyperalign.md, "The model").
 
 CLIP towers (+ gated adapters) -> Euclidean cosine ``s_base`` and, after a per-modality scale
 and the exponential map, Lorentz points for the text and the image -> geometric primitives
@@ -12,7 +12,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -20,8 +19,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
+
+from hyperalign.common import dumps_json, make_tmp_dir, recover_dir, replace_dir
+from hyperalign.state import read_tensors
 
 from . import lorentz
 from .backbone import Backbone, load_backbone
@@ -272,11 +274,12 @@ class HyperAlign(nn.Module):
         return out
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` atomically (temp dir, then rename)."""
+        """Write ``config.json`` + ``model.safetensors`` into a temporary sibling folder, then
+        swap it in with :func:`hyperalign.common.replace_dir` (a reader sees the old checkpoint
+        or the new one, never a mix)."""
         target = Path(save_directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
         cfg = self.config.to_dict()
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        tmp = make_tmp_dir(target)
         try:
             if self._backbone_file is not None:
                 shutil.copy2(self._backbone_file, tmp / self._backbone_file.name)
@@ -287,7 +290,7 @@ class HyperAlign(nn.Module):
                 k: v.detach().contiguous().cpu() for k, v in self.trainable_state_dict().items()
             }
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT_TAG})
-            (tmp / CONFIG_NAME).write_text(json.dumps({"format": FORMAT_TAG, **cfg}, indent=2))
+            (tmp / CONFIG_NAME).write_text(dumps_json({"format": FORMAT_TAG, **cfg}))
             replace_dir(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -302,19 +305,19 @@ class HyperAlign(nn.Module):
         device: torch.device | str = "cpu",
         **overrides,
     ) -> HyperAlign:
-        """Load a checkpoint directory (or a Hugging Face hub repo id holding one)."""
+        """Load a checkpoint directory (or a Hugging Face hub repo id holding one).
+
+        Errors name the file: a ``config.json`` that is not JSON or holds wrong field types, a
+        truncated or corrupt ``model.safetensors``, weights holding NaN or infinities.
+        """
         directory = resolve_checkpoint_dir(path_or_hub_id)
-        raw = json.loads((directory / CONFIG_NAME).read_text())
-        fmt = raw.pop("format", None)
-        if fmt != FORMAT_TAG:
-            raise ValueError(
-                f"{directory / CONFIG_NAME} is not a HyperAlign checkpoint (format={fmt!r})"
-            )
-        config = HyperAlignConfig.from_dict(raw)
+        config = read_checkpoint_config(directory / CONFIG_NAME)
         if overrides:
             config = config.replace(**overrides)
         model = cls(config, device=device, base_dir=directory)
-        state = load_file(str(directory / WEIGHTS_NAME), device=str(torch.device(device)))
+        fix = "copy the checkpoint folder again (or save it again from its training run)"
+        state = read_safetensors(directory / WEIGHTS_NAME, device=device, fix=fix)
+        check_finite(state, directory / WEIGHTS_NAME)
         model.load_checkpoint_state(state, source=directory / WEIGHTS_NAME)
         return model
 
@@ -339,9 +342,50 @@ class HyperAlign(nn.Module):
         self.load_state_dict(state, strict=False)
 
 
+def read_checkpoint_config(path: Path) -> HyperAlignConfig:
+    """The ``HyperAlignConfig`` of a checkpoint's ``config.json``; errors name the file."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(
+            f"{path} is not valid UTF-8 JSON ({err}); the checkpoint is damaged: copy it again"
+        ) from err
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(raw).__name__}")
+    fmt = raw.pop("format", None)
+    if fmt != FORMAT_TAG:
+        raise ValueError(f"{path} is not a HyperAlign checkpoint (format={fmt!r})")
+    try:
+        return HyperAlignConfig.from_dict(raw)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
+
+
+def read_safetensors(
+    path: str | os.PathLike, *, device: torch.device | str = "cpu", fix: str
+) -> dict[str, Tensor]:
+    """Load a safetensors file onto ``device``; errors name the file and say ``fix``: a
+    missing file is a ``FileNotFoundError``, a truncated or foreign one a ``ValueError`` (see
+    :func:`hyperalign.state.read_tensors`)."""
+    return read_tensors(path, device, fix=fix)
+
+
+def check_finite(state: dict[str, Tensor], source: object) -> None:
+    """``ValueError`` naming ``source`` and the first tensor holding NaN or an infinity."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            n_bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(
+                f"{source}: tensor {name!r} holds {n_bad} NaN/infinite value(s); the run that "
+                "wrote it diverged. Use an earlier checkpoint or retrain (e.g. with a lower "
+                "learning rate)."
+            )
+
+
 def resolve_checkpoint_dir(path_or_hub_id: str | os.PathLike) -> Path:
-    """A local checkpoint directory, or a hub repo id downloaded (config + safetensors only)."""
-    path = Path(path_or_hub_id)
+    """A local checkpoint directory (first repaired with :func:`hyperalign.common.recover_dir`
+    if a save was interrupted), or a hub repo id downloaded (config + safetensors only)."""
+    path = recover_dir(path_or_hub_id)
     if path.is_dir():
         if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
             raise FileNotFoundError(
@@ -365,23 +409,12 @@ def resolve_checkpoint_dir(path_or_hub_id: str | os.PathLike) -> Path:
         ) from err
 
 
-def replace_dir(tmp: Path, target: Path) -> None:
-    """Move ``tmp`` to ``target``; an existing ``target`` is replaced only after success."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
-
-
 def check_inputs(images: object, texts: object) -> None:
     """Validate a batch: ``ValueError``/``TypeError`` naming the argument and the fix."""
     if not isinstance(images, Tensor):
         raise TypeError(
-            f"images must be a torch.Tensor of shape (B, 3, H, W) in [0, 1], got {type(images).__name__}"
+            "images must be a torch.Tensor of shape (B, 3, H, W) in [0, 1], got "
+            f"{type(images).__name__}"
         )
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(
@@ -395,12 +428,14 @@ def check_inputs(images: object, texts: object) -> None:
     if isinstance(texts, Tensor):
         if texts.dim() != 2 or texts.dtype not in (torch.int64, torch.int32):
             raise TypeError(
-                f"token ids must be an integer tensor (B, L), got {texts.dtype} {tuple(texts.shape)}"
+                "token ids must be an integer tensor (B, L), got "
+                f"{texts.dtype} {tuple(texts.shape)}"
             )
         n_texts = texts.shape[0]
     elif isinstance(texts, str) or not isinstance(texts, Sequence):
         raise TypeError(
-            f"texts must be a sequence of B strings (or token ids (B, L)), got {type(texts).__name__}"
+            "texts must be a sequence of B strings (or token ids (B, L)), got "
+            f"{type(texts).__name__}"
         )
     else:
         bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]

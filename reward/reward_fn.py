@@ -1,15 +1,29 @@
 """HyperAlign as a batched, device-native, differentiable reward function for RL loops.
 
-The contract (``../shared/design/rlhf.md``; the convention of trl <= 0.23 ``DDPOTrainer`` and
-ddpo-pytorch)::
+``rewards, info = reward_fn(images, prompts, metadata)`` follows the project's reward contract,
+:mod:`reward.contract` (the convention of trl <= 0.23 ``DDPOTrainer`` and ddpo-pytorch);
+``reward_fn.score(images, prompts)`` is its differentiable variant (DRaFT / AlignProp / ReFL).
 
-    rewards, info = reward_fn(images, prompts, metadata)
+Images (converted by :func:`to_pixels`):
 
-- ``images``: float tensor ``(B, 3, H, W)`` in [0, 1] on any device (also: uint8 tensor
-  ``(B, 3, H, W)``, a list of PIL images, of HWC uint8 numpy arrays, or of file paths);
-- ``prompts``: sequence of ``B`` strings; ``metadata``: sequence of ``B`` dicts or ``None``;
-- ``rewards``: float32 tensor ``(B,)`` on the images' device (the model's for non-tensors);
-- ``info``: dict of per-sample lists of floats, ready to log.
+- a batch tensor or numpy array, float of any float dtype (fp16, bf16, fp32, fp64) in [0, 1]
+  or uint8 in [0, 255]: channels first ``(B, C, H, W)`` (diffusers ``output_type="pt"``) or
+  channels last ``(B, H, W, C)`` (diffusers ``output_type="np"``), ``C`` = 3 (RGB) or 4 (RGBA,
+  alpha composited on white as :func:`hyperalign.common.to_rgb` does for files). The layout
+  rule (:func:`channel_layout`): dimension 1 equal to 3 means channels first; otherwise a
+  last dimension of 3 or 4 means channels last, a dimension 1 of 4 channels first; a shape
+  that fits both readings (``(B, 4, H, 3)``, ``(B, 4, H, 4)``) or neither is refused with the
+  accepted shapes;
+- a list of PIL images, image file paths, numpy arrays or 3-D tensors (one image each; an
+  array or tensor is channels last ``(H, W, C)`` when its last dimension is 3 or 4, else
+  channels first ``(C, H, W)``), decoded with :func:`hyperalign.common.to_rgb` and
+  :func:`hyperalign.common.load_image` and resized to the model's input size.
+
+``rewards`` are float32 ``(B,)`` on the images' device (the model's for numpy arrays and
+lists); ``info`` holds per-sample lists of floats. The reward computes in its own precision
+(``dtype`` of :func:`build_reward`, fp32 by default) also inside a caller's autocast region,
+and raises :class:`NonFiniteRewardError` rather than return a NaN or infinite reward. Text
+features are computed once per distinct prompt of a call (RL batches repeat each prompt).
 """
 
 from __future__ import annotations
@@ -26,10 +40,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hyperalign.common import BACKGROUND, load_image, to_rgb
+
 from .config import HyperAlignConfig
-from .model import HyperAlign, check_inputs
+from .contract import RewardError, check_reward_output, reward_name
+from .model import HyperAlign, HyperAlignOutput, check_inputs
 
 INFO_KEYS = ("s_base", "distance", "angle", "aperture", "alpha", "beta", "gamma")
+
+ACCEPTED_IMAGES = (
+    "a float (any float dtype, in [0, 1]) or uint8 tensor / numpy array of shape (B, 3, H, W) "
+    "or (B, 4, H, W) (channels first) or (B, H, W, 3) or (B, H, W, 4) (channels last; 4 = RGBA), "
+    "or a list of PIL images / file paths / numpy arrays / 3-D tensors"
+)
+
+
+class NonFiniteRewardError(RewardError):
+    """The model produced a NaN or infinite reward for valid images (e.g. a corrupt checkpoint)."""
 
 
 def _tiny_random(device, **overrides) -> HyperAlign:
@@ -66,13 +93,15 @@ def build_reward(
     dtype: torch.dtype | None = None,
     *,
     max_batch_size: int = 64,
+    dedupe_prompts: bool = True,
     **overrides,
 ) -> HyperAlignReward:
     """Build a HyperAlign reward from a preset name, a checkpoint directory or a hub repo id.
 
     ``device``: where the model runs (default: CPU). ``dtype``: ``torch.bfloat16`` or
     ``torch.float16`` runs the backbone under autocast (the geometry stays fp32); ``None`` or
-    ``torch.float32`` runs everything in fp32. ``overrides``: ``HyperAlignConfig`` fields.
+    ``torch.float32`` runs everything in fp32. ``dedupe_prompts``: encode each distinct prompt
+    of a call once. ``overrides``: ``HyperAlignConfig`` fields.
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
     name = str(name_or_path)
@@ -85,14 +114,17 @@ def build_reward(
             f"unknown reward {name!r}: not a preset ({', '.join(sorted(PRESETS))}), nor a "
             "checkpoint directory, nor a Hugging Face hub repo id ('org/name')"
         )
-    return HyperAlignReward(model, dtype=dtype, max_batch_size=max_batch_size)
+    return HyperAlignReward(
+        model, dtype=dtype, max_batch_size=max_batch_size, dedupe_prompts=dedupe_prompts, name=name
+    )
 
 
 class HyperAlignReward:
     """Picklable callable: ``rewards, info = reward_fn(images, prompts, metadata=None)``.
 
     ``score(images, prompts)`` is the differentiable variant (keeps the autograd graph to the
-    pixels) for AlignProp / DRaFT / ReFL-style training.
+    pixels, in their dtype) for AlignProp / DRaFT / ReFL-style training. ``name`` (the preset
+    or checkpoint) is quoted in errors.
     """
 
     def __init__(
@@ -101,6 +133,8 @@ class HyperAlignReward:
         *,
         dtype: torch.dtype | None = None,
         max_batch_size: int = 64,
+        dedupe_prompts: bool = True,
+        name: str | None = None,
     ) -> None:
         if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"dtype must be None, float32, bfloat16 or float16, got {dtype}")
@@ -111,32 +145,90 @@ class HyperAlignReward:
             p.requires_grad_(False)
         self.dtype = None if dtype == torch.float32 else dtype
         self.max_batch_size = max_batch_size
+        self.dedupe_prompts = bool(dedupe_prompts)
+        self.name = name or f"HyperAlign({model.config.backbone})"
 
     @property
     def device(self) -> torch.device:
         return self.model.pixel_mean.device
 
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The float dtype images are converted to before the backbone (the model's)."""
+        return self.model.pixel_mean.dtype
+
     def __repr__(self) -> str:
         return (
-            f"HyperAlignReward(backbone={self.model.config.backbone!r}, device={self.device}, "
-            f"dtype={self.dtype}, max_batch_size={self.max_batch_size})"
+            f"HyperAlignReward({self.name!r}, backbone={self.model.config.backbone!r}, "
+            f"device={self.device}, dtype={self.dtype}, max_batch_size={self.max_batch_size}, "
+            f"dedupe_prompts={self.dedupe_prompts})"
         )
 
     def _autocast(self):
-        if self.dtype is None:
+        """The reward's own precision: its ``dtype``, or fp32 even inside a caller's autocast."""
+        if self.dtype is None and not torch.amp.is_autocast_available(self.device.type):
             return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+        return torch.autocast(
+            device_type=self.device.type, dtype=self.dtype, enabled=self.dtype is not None
+        )
 
-    def _forward(self, images: Tensor, prompts: Sequence[str]):
+    def _text_features(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """Features ``(U, D)`` of the prompts to encode and each prompt's row ``(B,)`` in them.
+
+        With ``dedupe_prompts`` the U rows are the distinct prompts (first-seen order);
+        without, U = B and the rows are the prompts themselves.
+        """
+        if self.dedupe_prompts:
+            rows: dict[str, int] = {}
+            index = torch.tensor([rows.setdefault(p, len(rows)) for p in prompts])  # (B,)
+            texts = list(rows)
+        else:
+            index, texts = torch.arange(len(prompts)), prompts
+        n = self.max_batch_size
+        feats = [self.model.encode_texts(texts[s : s + n]) for s in range(0, len(texts), n)]
+        feats = torch.cat(feats)  # (U, D)
+        return feats, index.to(feats.device)
+
+    def _forward(self, images: Tensor, prompts: list[str]) -> list[HyperAlignOutput]:
+        """Model outputs for chunks of ``max_batch_size`` (inputs were validated once)."""
+        with self._autocast():
+            texts, index = self._text_features(prompts)  # (U, D), (B,)
         outs = []
         for start in range(0, images.shape[0], self.max_batch_size):
             chunk = slice(start, start + self.max_batch_size)
             with self._autocast():
-                # Inputs were validated once for the whole batch.
                 f_i = self.model.encode_images(images[chunk])
-                f_t = self.model.encode_texts(prompts[chunk])
-            outs.append(self.model.head(f_i, f_t))
+            outs.append(self.model.head(f_i, texts[index[chunk]]))
         return outs
+
+    def _check_finite(self, fields: dict[str, Tensor]) -> None:
+        """Raise :class:`NonFiniteRewardError` naming the checkpoint if an output is not finite."""
+        stacked = torch.stack([v.detach().float() for v in fields.values()])  # (K, B)
+        if bool(torch.isfinite(stacked).all()):
+            return
+        bad = {k: (~torch.isfinite(v)).nonzero().flatten().tolist() for k, v in fields.items()}
+        where = ", ".join(f"{k} at indices {v[:8]}" for k, v in bad.items() if v)
+        raise NonFiniteRewardError(
+            f"HyperAlign reward {self.name!r} produced non-finite values for valid images in "
+            f"[0, 1] ({where}): {self._diagnose()}"
+        )
+
+    def _diagnose(self) -> str:
+        """Why the model may have produced a non-finite output, and what to do."""
+        broken = [
+            n for n, t in self.model.state_dict().items() if not bool(torch.isfinite(t).all())
+        ]
+        if broken:
+            return (
+                f"{len(broken)} weight tensor(s) hold NaN or Inf (e.g. {broken[:3]}); the "
+                "checkpoint is corrupt or its training diverged: load or retrain another one"
+            )
+        if self.dtype is not None:
+            return (
+                f"the weights are finite; the {self.dtype} backbone may overflow: build the "
+                "reward with dtype=None (fp32)"
+            )
+        return "the weights are finite; please report the images and prompts that cause it"
 
     def __call__(
         self,
@@ -152,25 +244,39 @@ class HyperAlignReward:
                 "dict per prompt or None"
             )
         with torch.inference_mode():
-            pixels = to_pixels(images, self.device, self.model.image_size)
+            pixels = to_pixels(images, self.device, self.model.image_size, self.input_dtype)
             check_inputs(pixels, prompts)
             outs = self._forward(pixels, prompts)
-            rewards = torch.cat([o.score for o in outs]).float()
-            info = {
-                key: torch.cat([getattr(o, key) for o in outs]).float().cpu().tolist()
-                for key in INFO_KEYS
+            fields = {
+                key: torch.cat([getattr(o, key) for o in outs]).float()
+                for key in ("score", *INFO_KEYS)
             }
+            self._check_finite(fields)
+            rewards = fields.pop("score")
+            info = {key: v.cpu().tolist() for key, v in fields.items()}
         return rewards.to(out_device), info
 
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
-        """Differentiable rewards ``(B,)`` (float32, on the images' device) for a float tensor."""
+        """Differentiable rewards ``(B,)`` (float32, on the images' device) for a float tensor.
+
+        Any float dtype and either layout of :func:`to_pixels`; the gradient reaches
+        ``images`` in their own dtype.
+        """
         if not isinstance(images, Tensor) or not images.is_floating_point():
-            raise TypeError("score() needs a float tensor (B, 3, H, W) in [0, 1] to differentiate")
+            got = type(images).__name__
+            if isinstance(images, Tensor):
+                got += f" of dtype {images.dtype}"
+            raise TypeError(
+                "score() needs a float tensor (B, 3, H, W) (or (B, H, W, 3)) in [0, 1] to "
+                f"differentiate, got {got}"
+            )
         prompts = _check_prompts(prompts)
-        check_inputs(images, prompts)
-        pixels = images.to(self.device)
+        pixels = to_pixels(images, self.device, self.model.image_size, self.input_dtype)
+        check_inputs(pixels, prompts)
         outs = self._forward(pixels, prompts)
-        return torch.cat([o.score for o in outs]).float().to(images.device)
+        scores = torch.cat([o.score for o in outs]).float()
+        self._check_finite({"score": scores})
+        return scores.to(images.device)
 
 
 def _check_prompts(prompts) -> list[str]:
@@ -181,59 +287,171 @@ def _check_prompts(prompts) -> list[str]:
     return list(prompts)
 
 
-def to_pixels(images, device: torch.device, size: tuple[int, int]) -> Tensor:
+# ------------------------------------------------------------------------------ images
+
+
+def channel_layout(shape: Sequence[int]) -> tuple[str, int]:
+    """``(side, channels)`` of a 4-D image batch shape, side ``"first"`` or ``"last"``.
+
+    ``(B, 3, H, W)`` is channels first; else a last dimension of 3 or 4 is channels last and a
+    dimension 1 of 4 channels first (RGBA). ``ValueError`` when both or neither reading fits.
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 4:
+        hint = "; add a batch dimension (x[None]) for one image" if len(shape) == 3 else ""
+        raise ValueError(
+            f"images must be a 4-D batch, got shape {shape}{hint}; accepted: {ACCEPTED_IMAGES}"
+        )
+    if shape[1] == 3:
+        return "first", 3
+    first, last = shape[1] == 4, shape[3] in (3, 4)
+    if first and last:
+        raise ValueError(
+            f"images of shape {shape} are ambiguous: (B, 4, H, W) RGBA channels first or "
+            f"(B, H, W, {shape[3]}) channels last; permute them to (B, 3, H, W) (RGB), or to "
+            "(B, 4, H, W) / (B, H, W, 4) with H and W not 3 or 4"
+        )
+    if last:
+        return "last", shape[3]
+    if first:
+        return "first", 4
+    raise ValueError(f"images of shape {shape} are not an image batch; accepted: {ACCEPTED_IMAGES}")
+
+
+def single_layout(shape: Sequence[int]) -> tuple[str, int]:
+    """``(side, channels)`` of one 3-D image: channels last ``(H, W, C)`` when the last
+    dimension is 3 or 4 (the numpy / PIL convention), else channels first ``(C, H, W)``."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) == 3 and shape[2] in (3, 4):
+        return "last", shape[2]
+    if len(shape) == 3 and shape[0] in (3, 4):
+        return "first", shape[0]
+    raise ValueError(
+        f"a single image must be (H, W, C) or (C, H, W) with C = 3 (RGB) or 4 (RGBA), got "
+        f"shape {shape}"
+    )
+
+
+def composite_alpha(rgba: Tensor) -> Tensor:
+    """``(B, 4, H, W)`` RGBA in [0, 1] -> ``(B, 3, H, W)`` RGB over the white background of
+    :func:`hyperalign.common.to_rgb` (:data:`hyperalign.common.BACKGROUND`)."""
+    alpha = rgba[:, 3:]  # (B, 1, H, W)
+    lo, hi = (float(v) for v in torch.aminmax(alpha.detach()))
+    if not (0.0 <= lo and hi <= 1.0):  # also False for NaN
+        raise ValueError(
+            "the alpha channel of RGBA images must be in [0, 1] (uint8: 0-255), got values in "
+            f"[{lo:.3g}, {hi:.3g}]"
+        )
+    background = torch.tensor(BACKGROUND, dtype=rgba.dtype, device=rgba.device) / 255.0
+    return rgba[:, :3] * alpha + background.view(1, 3, 1, 1) * (1.0 - alpha)
+
+
+def _tensor_pixels(
+    images: Tensor, device, dtype: torch.dtype, layout: tuple[str, int] | None = None
+) -> Tensor:
+    """A 4-D batch in any accepted layout and dtype -> ``(B, 3, H, W)`` ``dtype`` on ``device``.
+
+    ``layout``: ``(side, channels)`` when known, else read by :func:`channel_layout`. Float
+    input stays on the autograd graph (the conversion is differentiable).
+    """
+    side, channels = layout or channel_layout(images.shape)
+    if images.dtype == torch.uint8:
+        x = images.to(device).to(dtype).div_(255.0)
+    elif images.is_floating_point():
+        x = images.to(device=device, dtype=dtype)
+    else:
+        raise TypeError(
+            f"images must be float in [0, 1] or uint8 in [0, 255], got dtype {images.dtype}"
+        )
+    if side == "last":
+        x = x.permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
+    return composite_alpha(x) if channels == 4 else x
+
+
+def to_pixels(
+    images, device: torch.device, size: tuple[int, int], dtype: torch.dtype = torch.float32
+) -> Tensor:
     """Any supported image batch -> float tensor ``(B, 3, H, W)`` in [0, 1] on ``device``.
 
-    Tensors stay tensors (moved, never round-tripped through PIL); lists of PIL images, numpy
-    arrays or paths are converted one by one and resized to ``size`` so they can be stacked.
+    Tensors and numpy batches are converted as a whole (moved, never round-tripped through
+    PIL; not resized: the model resizes on its device); lists are converted one by one and
+    resized to ``size`` so they can be stacked. See the module docstring for the forms.
     """
     if isinstance(images, Tensor):
-        if images.dtype == torch.uint8:
-            if images.dim() != 4 or images.shape[1] != 3:
-                raise ValueError(
-                    f"uint8 images must have shape (B, 3, H, W), got {tuple(images.shape)}"
-                )
-            return images.to(device).float().div_(255.0)
-        return images.to(device)
-    if isinstance(images, (str, os.PathLike, np.ndarray)) or not isinstance(images, Sequence):
-        raise TypeError(
-            "images must be a tensor (B, 3, H, W) or a list of PIL images / HWC uint8 arrays / "
-            f"file paths, got {type(images).__name__}"
-        )
+        return _tensor_pixels(images, device, dtype)
+    if isinstance(images, np.ndarray):
+        return _tensor_pixels(_from_numpy(images, "images"), device, dtype)
+    if isinstance(images, (str, os.PathLike)) or not isinstance(images, Sequence):
+        raise TypeError(f"images must be {ACCEPTED_IMAGES}; got {type(images).__name__}")
     if len(images) == 0:
         raise ValueError("images is an empty batch (B = 0); pass at least one image")
-    return torch.stack([_one_image(im, i, device, size) for i, im in enumerate(images)])
+    return torch.stack([_one_image(im, i, device, size, dtype) for i, im in enumerate(images)])
 
 
-def _one_image(image, index: int, device, size) -> Tensor:
+def _from_numpy(array: np.ndarray, what: str) -> Tensor:
+    """A numpy array as a tensor of its own (a copy: read-only and negative-stride arrays work)."""
+    if not (array.dtype == np.uint8 or np.issubdtype(array.dtype, np.floating)):
+        raise TypeError(f"{what} must be a float or uint8 numpy array, got dtype {array.dtype}")
+    return torch.from_numpy(np.array(array))
+
+
+def _decode(image, index: int) -> tuple[Tensor, tuple[str, int]]:
+    """One list item -> a ``(1, ...)`` uint8 or float tensor and its ``(side, channels)``."""
     from PIL import Image
 
     if isinstance(image, (str, os.PathLike)):
         try:
-            with Image.open(image) as im:
-                image = im.convert("RGB")
-        except (OSError, ValueError) as err:
-            raise ValueError(f"image {index} ({image}) could not be read: {err}") from err
+            return load_image(image)[None], ("first", 3)  # (1, 3, H, W) float
+        except ValueError as err:
+            raise ValueError(f"image {index}: {err}") from err
     if isinstance(image, Image.Image):
-        array = np.asarray(image.convert("RGB"))
-    elif isinstance(image, np.ndarray):
-        array = image
-        if array.ndim != 3 or array.shape[2] != 3:
+        array = np.asarray(to_rgb(image))  # (H, W, 3) uint8
+        return torch.from_numpy(array.copy())[None], ("last", 3)
+    if isinstance(image, np.ndarray):
+        image = _from_numpy(image, f"image {index}")
+    if isinstance(image, Tensor):
+        try:
+            return image[None], single_layout(image.shape)
+        except ValueError as err:
+            raise ValueError(f"image {index}: {err}") from err
+    raise TypeError(
+        f"image {index} is a {type(image).__name__}; use a PIL image, a file path, a numpy "
+        "array or a tensor"
+    )
+
+
+def _one_image(image, index: int, device, size, dtype) -> Tensor:
+    """One list item -> ``(3, *size)`` in [0, 1] on ``device`` (resized when needed)."""
+    raw, layout = _decode(image, index)  # (1, C, H, W) or (1, H, W, C)
+    try:
+        t = _tensor_pixels(raw, device, dtype, layout)  # (1, 3, H, W)
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"image {index}: {err}") from err
+    if raw.is_floating_point():
+        lo, hi = (float(v) for v in torch.aminmax(t.detach()))
+        if not (0.0 <= lo and hi <= 1.0):  # also False for NaN
             raise ValueError(
-                f"image {index}: numpy images must be HWC with 3 channels, got {array.shape}"
+                f"image {index}: float images must be finite and in [0, 1], got values in "
+                f"[{lo:.3g}, {hi:.3g}]; for uint8 data pass a uint8 array"
             )
-        if array.dtype != np.uint8:
-            raise ValueError(f"image {index}: numpy images must be uint8, got {array.dtype}")
-    else:
-        raise TypeError(
-            f"image {index} is a {type(image).__name__}; use a PIL image, an HWC uint8 array or a path"
-        )
-    t = torch.from_numpy(np.array(array)).to(device).permute(2, 0, 1)  # (3, H, W), own copy
-    t = t.float().div_(255.0)[None]  # (1, 3, H, W)
     if tuple(t.shape[-2:]) != tuple(size):
         t = F.interpolate(t, size=size, mode="bicubic", align_corners=False, antialias=True)
         t = t.clamp_(0.0, 1.0)  # bicubic overshoots slightly at edges
     return t[0]
+
+
+# ----------------------------------------------------------------------- weighted sums
+
+
+def standardize(rewards: Tensor) -> Tensor:
+    """Z-scores within the batch ``(r - mean) / std`` (std clamped at 1e-6).
+
+    A batch of one has no spread: its reward sits at the batch mean, so the result is 0
+    (``r - r``, still on the autograd graph) rather than NaN.
+    """
+    if rewards.numel() < 2:
+        return rewards - rewards.mean()
+    return (rewards - rewards.mean()) / rewards.std().clamp(min=1e-6)
 
 
 class WeightedReward:
@@ -241,8 +459,10 @@ class WeightedReward:
 
     ``WeightedReward({"hyperalign": (fn, 1.0), "llava": (critic, 0.5)}, standardize=False)``.
     ``info[name]`` holds each critic's raw rewards, ``info[f"{name}/{key}"]`` its own info.
-    With ``standardize=True`` each critic's rewards are z-scored within the batch before
-    weighting (scale-free mixing; needs ``B >= 2``).
+    Each critic's output is validated by :func:`reward.contract.check_reward_output`. With
+    ``standardize=True`` each critic's rewards are z-scored within the batch before weighting
+    (scale-free mixing, see :func:`standardize`); a batch of one (B = 1) then scores 0, with
+    one warning.
     """
 
     def __init__(self, critics: Mapping[str, tuple[Callable, float]], standardize: bool = False):
@@ -255,34 +475,46 @@ class WeightedReward:
                 raise ValueError(f"critic {name!r} has a non-finite weight {entry[1]}")
         self.critics = dict(critics)
         self.standardize = standardize
+        self._warned_single = False
+
+    def _warn_single(self, batch: int) -> None:
+        if self.standardize and batch == 1 and not self._warned_single:
+            warnings.warn(
+                "WeightedReward(standardize=True) on a batch of one: each critic's z-score is "
+                "0, so the reward is 0; use standardize=False to score single images (this "
+                "warning is shown once)",
+                stacklevel=3,
+            )
+            self._warned_single = True
+
+    def _critic(self, name: str, fn, images, prompts, metadata, device):
+        """Run one critic and validate its output: ``(rewards (B,) float32, info)``."""
+        try:
+            out = fn(images, prompts, metadata)
+        except Exception as err:
+            raise RewardError(f"reward critic {name!r} failed: {err}") from err
+        if device is None:  # non-tensor images: the first critic's device
+            first = out[0] if isinstance(out, tuple) and out else None
+            device = first.device if isinstance(first, Tensor) else torch.device("cpu")
+        where = f"WeightedReward critic {name!r}, batch of {len(prompts)}"
+        label = f"{name!r} ({reward_name(fn)})"
+        return check_reward_output(out, len(prompts), device, label, where)
 
     def __call__(self, images, prompts, metadata=None):
-        batch = len(prompts)
+        self._warn_single(len(prompts))
+        device = images.device if isinstance(images, Tensor) else None
         total = None
         info: dict[str, list] = {}
         for name, (fn, weight) in self.critics.items():
-            try:
-                rewards, sub = fn(images, prompts, metadata)
-            except Exception as err:
-                raise RuntimeError(f"reward critic {name!r} failed: {err}") from err
-            rewards = torch.as_tensor(rewards, dtype=torch.float32)
-            if rewards.shape != (batch,) or not bool(torch.isfinite(rewards).all()):
-                raise ValueError(
-                    f"reward critic {name!r} returned {tuple(rewards.shape)} "
-                    f"{'with non-finite values ' if rewards.shape == (batch,) else ''}"
-                    f"rewards; expected {batch} finite values"
-                )
-            info[name] = rewards.detach().cpu().tolist()
-            for key, values in (sub or {}).items():
+            rewards, sub = self._critic(name, fn, images, prompts, metadata, device)
+            device = rewards.device
+            info[name] = rewards.cpu().tolist()
+            for key, values in sub.items():
                 info[f"{name}/{key}"] = values
             if self.standardize:
-                rewards = (rewards - rewards.mean()) / rewards.std().clamp(min=1e-6)
-            if total is None:
-                total = weight * rewards
-            else:
-                total = total + weight * rewards.to(total.device)
-        device = images.device if isinstance(images, Tensor) else total.device
-        return total.to(device), info
+                rewards = standardize(rewards)
+            total = weight * rewards if total is None else total + weight * rewards
+        return total, info
 
     def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         """Differentiable weighted sum of the critics' ``score(images, prompts)``.
@@ -290,6 +522,7 @@ class WeightedReward:
         Critics with weight 0 (logged, not optimised) are skipped; every other critic must
         have a differentiable ``score`` method.
         """
+        self._warn_single(len(prompts))
         total = None
         for name, (fn, weight) in self.critics.items():
             if weight == 0:
@@ -301,7 +534,7 @@ class WeightedReward:
                 )
             s = fn.score(images, prompts).float()
             if self.standardize:
-                s = (s - s.mean()) / s.std().clamp(min=1e-6)
+                s = standardize(s)
             total = weight * s if total is None else total + weight * s
         if total is None:
             raise ValueError("WeightedReward.score: every critic has weight 0")

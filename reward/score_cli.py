@@ -1,15 +1,14 @@
 """``hyperalign score --model NAME_OR_PATH --prompt "..." IMAGE...``
 
-Prints one row per image (score and geometry), or JSON with ``--json``.
+Prints one row per image (score and geometry), or strict JSON (no NaN) with ``--json``.
+A checkpoint that produces non-finite rewards is an error (exit 2) naming it.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
-import torch
+from hyperalign.common import DTYPE_CHOICES, dumps_json, parse_dtype
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,38 +26,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the prompt; give it once for all images or once per image",
     )
     parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
-    parser.add_argument(
-        "--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="backbone precision"
-    )
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp32", help="backbone precision")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def run(args: argparse.Namespace) -> int:
-    from .reward_fn import build_reward
+    from .reward_fn import NonFiniteRewardError, build_reward
 
     prompts = args.prompt
     if len(prompts) == 1:
         prompts = prompts * len(args.images)
     if len(prompts) != len(args.images):
-        print(
-            f"hyperalign score: {len(args.images)} images but {len(prompts)} --prompt values; "
-            "give one prompt for all images or one per image",
-            file=sys.stderr,
+        raise ValueError(
+            f"{len(args.images)} images but {len(prompts)} --prompt values; give one prompt for "
+            "all images or one per image"
         )
-        return 2
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     reward_fn = build_reward(
-        args.model, device=args.device, dtype=dtype, max_batch_size=args.batch_size
+        args.model,
+        device=args.device,
+        dtype=parse_dtype(args.dtype),
+        max_batch_size=args.batch_size,
     )
-    rewards, info = reward_fn(list(args.images), prompts)
+    try:
+        rewards, info = reward_fn(list(args.images), prompts)
+    except NonFiniteRewardError as err:  # a broken checkpoint is a bad input, not a crash
+        raise ValueError(str(err)) from err
     rows = []
     for i, (path, prompt) in enumerate(zip(args.images, prompts)):
         row = {"image": path, "prompt": prompt, "score": float(rewards[i])}
         row.update({k: v[i] for k, v in info.items()})
         rows.append(row)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(dumps_json(rows))
         return 0
     cols = ["score", "s_base", "distance", "angle", "aperture", "alpha", "beta", "gamma"]
     width = max(len("image"), *(len(r["image"]) for r in rows))

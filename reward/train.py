@@ -1,25 +1,33 @@
-"""``hyperalign train-reward``: train HyperAlign on human alignment MOS (hyperalign.md section 5).
+"""``hyperalign train-reward``: train HyperAlign on human alignment MOS (docs/hyperalign.md,
+"Training protocol").
 
-The paper's protocol: CLIP ViT-B/16, batch 8, AdamW, 20 epochs, early stopping (here on
-validation SRCC), prompt-disjoint splits (4:1 AGIQA-3K / AIGCIQA2023, 3:1 PKU-I2IQA),
-SRCC/PLCC on the test subset, mean ± std over repeated splits.
+The paper's protocol (arXiv 2601.04614): CLIP ViT-B/16, batch 8, AdamW, 20 epochs, early
+stopping (here on validation SRCC), prompt-disjoint splits (4:1 AGIQA-3K / AIGCIQA2023, 3:1
+PKU-I2IQA), SRCC/PLCC on the test subset, mean ± std over repeated splits.
 
 A run folder (``--out``) holds, per split ``split_<i>/``: ``best/`` (the checkpoint with the
 best validation SRCC, ``HyperAlign.from_pretrained``-loadable), ``state/last/`` (the
-resumable accelerate state, written atomically at every epoch end and every
-``--checkpoint-every`` steps), ``logs/`` (TensorBoard), ``test/`` (metrics, predictions CSV,
+resumable training state), ``logs/`` (TensorBoard), ``test/`` (metrics, predictions CSV,
 scatter plot), ``run_config.json`` and ``result.json``; and ``summary.json`` / ``summary.md``
 (mean ± std over splits). Re-running the same command resumes an interrupted run from its
 last saved state; ``--restart`` starts over.
 
-Examples::
+The training state is plain data, read back without unpickling anything (a state folder
+cannot run code): ``model.safetensors`` (the trainable weights), ``optimizer.safetensors`` +
+``optimizer.json`` (AdamW moments; hyper-parameters and structure), ``progress.json``
+(epoch, step, best score, history, gradient-scaler state) and ``rng_<rank>.safetensors`` +
+``rng_<rank>.json`` (torch, CUDA, numpy and Python random states of each process), see
+``reward.train_state``. It is written into a temporary sibling folder and swapped in
+(``hyperalign.common.replace_dir``) at every epoch end and every ``--checkpoint-every`` steps.
+
+Examples (``$IQA`` stands for the folder holding the label files)::
 
     # one prompt-grouped split, paper settings, on a GPU machine
     accelerate launch -m hyperalign train-reward --dataset agiqa3k \\
-        --labels ../shared/data/iqa/agiqa3k/data.csv --image-root AGIQA-3K/ --out runs/agiqa3k
+        --labels $IQA/agiqa3k/data.csv --image-root AGIQA-3K/ --out runs/agiqa3k
 
     # 10 repeated splits, mean ± std
-    hyperalign train-reward --dataset pku-i2iqa --labels ../shared/data/iqa/amff_splits/PKU-I2IQA/1 \\
+    hyperalign train-reward --dataset pku-i2iqa --labels $IQA/amff_splits/PKU-I2IQA/1 \\
         --image-root PKU-I2IQA/ --out runs/pku --splits 10
 
     # the ablation table (full, no entailment loss, static cone, no regressor, baseline)
@@ -38,9 +46,13 @@ import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors.torch import save
 from torch.utils.data import DataLoader, Sampler
+
+from hyperalign.common import atomic_write_bytes, atomic_write_json, atomic_write_text, recover_dir
 
 from .config import HyperAlignConfig
 from .data import (
@@ -54,10 +66,11 @@ from .data import (
     load_dataset,
     prompt_split,
 )
-from .evaluate import _write_json, add_data_arguments, evaluate_samples, format_table, make_loader
+from .evaluate import add_data_arguments, evaluate_samples, format_table, make_loader
 from .losses import hyperalign_loss
 from .metrics import METRIC_NAMES, mean_std
-from .model import HyperAlign, replace_dir
+from .model import HyperAlign
+from .train_state import load_train_state, read_json, save_train_state
 
 PARAM_GROUPS = ("head", "adapters", "backbone")
 RANDOM_BACKBONE = "random_backbone.safetensors"  # pinned random towers (pretrained=None)
@@ -130,6 +143,10 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_batch_size", "patience", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("checkpoint_every", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        self._check_optimizer_values()
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"TrainConfig.val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.test_fraction is not None and not 0 < self.test_fraction < 1:
@@ -141,7 +158,28 @@ class TrainConfig:
                 f"TrainConfig.mixed_precision={self.mixed_precision!r}: use no, fp16 or bf16"
             )
 
+    def _check_optimizer_values(self) -> None:
+        """Learning rates finite and > 0; weight decays, clip and min_delta finite and >= 0."""
+        for g in PARAM_GROUPS:
+            lr = getattr(self, f"lr_{g}")
+            if not (math.isfinite(lr) and lr > 0):
+                raise ValueError(
+                    f"TrainConfig.lr_{g} (--lr-{g}) must be a finite number > 0, got {lr}"
+                )
+        for name in (*(f"wd_{g}" for g in PARAM_GROUPS), "grad_clip", "min_delta"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(
+                    f"TrainConfig.{name} (--{name.replace('_', '-')}) must be a finite number "
+                    f">= 0, got {value}"
+                )
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ValueError(
+                f"TrainConfig.adam_betas must be two numbers in [0, 1), got {self.adam_betas}"
+            )
+
     def to_dict(self) -> dict:
+        """The fields as a JSON-ready dict."""
         return dataclasses.asdict(self)
 
 
@@ -160,7 +198,7 @@ _RESUME_KEYS = (
     "mixed_precision",
 )
 
-# Ablation rows (hyperalign.md section 6): name -> HyperAlignConfig overrides.
+# Ablation rows (the paper's ablation table): name -> HyperAlignConfig overrides.
 ABLATIONS: dict[str, dict] = {
     "full": {},
     "no-entailment": {"ent_weight": 0.0},
@@ -222,7 +260,7 @@ class EpochSampler(Sampler[int]):
 
 @dataclass
 class TrainState:
-    """Progress saved with the accelerate state (``register_for_checkpointing``)."""
+    """Progress of one split's training, saved as ``progress.json`` with the state."""
 
     epoch: int = 0  # epochs completed
     step_in_epoch: int = 0  # optimizer steps done in the current epoch
@@ -235,15 +273,42 @@ class TrainState:
     history: list = field(default_factory=list)  # per-epoch dicts
 
     def state_dict(self) -> dict:
+        """The fields as a dict (``best_val_srcc`` = -inf is written as ``null``)."""
         return dataclasses.asdict(self)
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, source: object = "progress") -> None:
+        """Restore from :meth:`state_dict`; a missing, unknown or mistyped field is an error."""
+        kinds = {
+            "epoch": int,
+            "step_in_epoch": int,
+            "global_step": int,
+            "best_val_srcc": (int, float, type(None)),
+            "best_epoch": int,
+            "bad_epochs": int,
+            "stopped_early": bool,
+            "running": dict,
+            "history": list,
+        }
+        if not isinstance(state, dict) or set(state) != set(kinds):
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"{source}: expected the fields {sorted(kinds)}, got {got}")
+        for k, kind in kinds.items():
+            bad_bool = kind is int and isinstance(state[k], bool)
+            if not isinstance(state[k], kind) or bad_bool:
+                raise ValueError(f"{source}: field {k!r} has the wrong type ({state[k]!r})")
         for k, v in state.items():
             setattr(self, k, v)
+        if self.best_val_srcc is None:  # strict JSON has no -inf
+            self.best_val_srcc = -math.inf
+
+
+def _with_fingerprints(info: dict, split: Split, dataset: IQADataset) -> dict:
+    """``info`` plus the SHA-256 fingerprints of the split's subsets and of the labels."""
+    return {**info, "subsets_sha256": split.fingerprint(), "labels_sha256": dataset.fingerprint()}
 
 
 def make_split(dataset: IQADataset, config: TrainConfig, index: int) -> tuple[Split, dict]:
-    """Split ``index`` of a repeated-split run and the record that rebuilds it."""
+    """Split ``index`` of a repeated-split run and the record that rebuilds (and checks) it."""
     seed = config.seed + index
     if config.canonical_splits:
         dirs = canonical_split_dirs(config.canonical_splits)
@@ -259,21 +324,7 @@ def make_split(dataset: IQADataset, config: TrainConfig, index: int) -> tuple[Sp
         split = prompt_split(dataset, test_fraction, config.val_fraction, seed)
         info = {"mode": "prompt", "dir": None, "test_fraction": test_fraction}
     info.update(seed=seed, val_fraction=config.val_fraction)
-    return split, info
-
-
-def _save_state(accelerator, state_dir: Path) -> None:
-    """``accelerator.save_state`` into a temp folder, then an atomic rename to ``state_dir``."""
-    tmp = state_dir.with_name(f".{state_dir.name}.tmp")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        state_dir.parent.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # every rank writes its RNG state
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        replace_dir(tmp, state_dir)
-    accelerator.wait_for_everyone()
+    return split, _with_fingerprints(info, split, dataset)
 
 
 def _flat(prefix: str, data: dict) -> dict:
@@ -285,6 +336,44 @@ def _flat(prefix: str, data: dict) -> dict:
         else:
             out[f"{prefix}{k}"] = json.dumps(v)
     return out
+
+
+@dataclass
+class _Run:
+    """One split's training: what the steps below read and update."""
+
+    config: TrainConfig
+    dataset: IQADataset
+    split: Split
+    split_info: dict
+    image_root: str | os.PathLike
+    out: Path
+    accelerator: Any
+    model: Any = None  # prepared (possibly DDP-wrapped) HyperAlign
+    optimizer: Any = None
+    groups: list = field(default_factory=list)
+    loader: Any = None
+    sampler: EpochSampler | None = None
+    val_loader: Any = None
+    steps_per_epoch: int = 0
+    state: TrainState = field(default_factory=TrainState)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.out / "state" / "last"
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def net(self) -> HyperAlign:
+        """The unwrapped model."""
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def total_batch(self) -> int:
+        return self.config.batch_size * self.accelerator.num_processes
 
 
 # ------------------------------------------------------------------------------- train
@@ -306,27 +395,9 @@ def train(
     Resumes from ``out_dir/state/last`` when present (unless ``restart``); a finished run
     (``result.json`` present) returns its stored result.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
-    from tqdm.auto import tqdm
-
     out = Path(out_dir)
-    state_dir = out / "state" / "last"
-    accelerator = Accelerator(
-        mixed_precision=config.mixed_precision,
-        cpu=cpu,
-        log_with="tensorboard" if config.tensorboard else None,
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-    )
-    main = accelerator.is_main_process
-    if restart and main:
-        for name in ("state", "best", "test", "result.json", "run_config.json", RANDOM_BACKBONE):
-            target = out / name
-            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(
-                missing_ok=True
-            )
-    accelerator.wait_for_everyone()
-
+    split_info = _with_fingerprints(split_info, split, dataset)
+    accelerator = _make_accelerator(config, out, cpu)
     record = {
         "dataset": dataset.name,
         "labels": str(labels),
@@ -335,169 +406,249 @@ def train(
         "model": model_config.to_dict(),
         "train": config.to_dict(),
     }
-    resume = state_dir.is_dir()
-    if (out / "result.json").is_file() and resume:
-        _check_same_run(out, record)
-        accelerator.print(f"{out}: finished earlier; reading result.json (--restart to redo)")
-        return json.loads((out / "result.json").read_text())
-    if resume:
-        _check_same_run(out, record)
-    elif main:
-        _write_json(out / "run_config.json", record)
-
+    resume, finished = _open_run_folder(out, record, accelerator, restart)
+    if finished is not None:
+        return finished
     # Every image of every subset must be there before any training starts.
     check_images(split.train + split.val + split.test, image_root)
+    run = _Run(config, dataset, split, split_info, image_root, out, accelerator)
+    _build(run, model_config, labels)
+    if resume:
+        load_train_state(run)
+        accelerator.print(
+            f"resumed {out} at epoch {run.state.epoch}, step {run.state.step_in_epoch} of that "
+            f"epoch (global step {run.state.global_step})"
+        )
+    _announce(run, model_config)
+    while run.state.epoch < config.epochs and not run.state.stopped_early:
+        _train_epoch(run)
+        _validate(run)
+        save_train_state(run)
+    return _write_result(run, _final_test(run))
 
-    set_seed(split_info["seed"])
+
+def _make_accelerator(config: TrainConfig, out: Path, cpu: bool):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    return Accelerator(
+        mixed_precision=config.mixed_precision,
+        cpu=cpu,
+        log_with="tensorboard" if config.tensorboard else None,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+
+
+def _open_run_folder(out: Path, record: dict, accelerator, restart: bool):
+    """Set up ``out`` for this run: ``(resume, stored_result)``.
+
+    ``restart`` first discards saved state and results. A saved state must belong to the
+    same run (else an error); a finished run's ``result.json`` is returned as is.
+    """
+    if accelerator.is_main_process:
+        if restart:
+            _discard_run(out)
+        recover_dir(out / "state" / "last")
+    accelerator.wait_for_everyone()
+    resume = (out / "state" / "last").is_dir()
+    if resume:
+        _check_same_run(out, record)
+        if (out / "result.json").is_file():
+            accelerator.print(f"{out}: finished earlier; reading result.json (--restart to redo)")
+            return True, read_json(out / "result.json")
+    elif accelerator.is_main_process:
+        atomic_write_json(out / "run_config.json", record)
+    return resume, None
+
+
+def _discard_run(out: Path) -> None:
+    """Delete a split folder's saved state, checkpoints and results (``--restart``)."""
+    names = ("state", "best", "test", "result.json", "run_config.json", RANDOM_BACKBONE)
+    for target in [out / n for n in names] + list(out.glob(".best.*")):
+        if target.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            target.unlink(missing_ok=True)
+
+
+def _build(run: _Run, model_config: HyperAlignConfig, labels: str) -> None:
+    """Seed, then build the model, optimizer and loaders of ``run`` and prepare them."""
+    from accelerate.utils import set_seed
+
+    acc, config, dataset, split = run.accelerator, run.config, run.dataset, run.split
+    set_seed(run.split_info["seed"])
     extra = dict(model_config.extra)
-    extra.update(dataset=dataset.name, labels=str(labels), split=split_info)
+    extra.update(dataset=dataset.name, labels=str(labels), split=run.split_info)
     model_config = model_config.replace(target_range=dataset.target_range, extra=extra)
-    model = HyperAlign(model_config, device=accelerator.device)
+    model = HyperAlign(model_config, device=acc.device)
     if model_config.pretrained is None and model_config.tuning != "full":
-        model = _pin_random_backbone(model, out, accelerator)
-    groups = param_groups(model, config)
-    optimizer = torch.optim.AdamW(groups, betas=config.adam_betas)
-
-    train_data = PairDataset(split.train, image_root, model.image_size, dataset.target_range)
-    sampler = EpochSampler(len(train_data), split_info["seed"])
+        model = _pin_random_backbone(model, run.out, acc)
+    run.groups = param_groups(model, config)
+    optimizer = torch.optim.AdamW(run.groups, betas=config.adam_betas)
+    train_data = PairDataset(split.train, run.image_root, model.image_size, dataset.target_range)
+    run.sampler = EpochSampler(len(train_data), run.split_info["seed"])
     loader = DataLoader(
-        train_data, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers
+        train_data,
+        batch_size=config.batch_size,
+        sampler=run.sampler,
+        num_workers=config.num_workers,
     )
     val_loader = make_loader(
         split.val,
-        image_root,
+        run.image_root,
         model.image_size,
         dataset.target_range,
         config.eval_batch_size,
         config.num_workers,
     )
-    model, optimizer, loader, val_loader = accelerator.prepare(model, optimizer, loader, val_loader)
-    state = TrainState()
-    accelerator.register_for_checkpointing(state)
-    if resume:
-        accelerator.load_state(str(state_dir))
-        accelerator.print(
-            f"resumed {out} at epoch {state.epoch}, step {state.step_in_epoch} of that epoch "
-            f"(global step {state.global_step})"
-        )
+    run.model, run.optimizer, run.loader, run.val_loader = acc.prepare(
+        model, optimizer, loader, val_loader
+    )
+    run.steps_per_epoch = len(run.loader)
 
-    steps_per_epoch = len(loader)
-    total_batch = config.batch_size * accelerator.num_processes
-    counts = {g["name"]: sum(p.numel() for p in g["params"]) for g in groups}
-    accelerator.print(
-        f"{dataset.name} split {split.mode} seed {split_info['seed']}: "
+
+def _announce(run: _Run, model_config: HyperAlignConfig) -> None:
+    """Print the run's sizes and start the TensorBoard tracker."""
+    config, split = run.config, run.split
+    counts = {g["name"]: sum(p.numel() for p in g["params"]) for g in run.groups}
+    run.accelerator.print(
+        f"{run.dataset.name} split {split.mode} seed {run.split_info['seed']}: "
         + ", ".join(
             f"{k} {v['images']} images / {v['prompts']} prompts"
             for k, v in split.describe().items()
             if isinstance(v, dict)
         )
-        + f"; total batch {total_batch}, {steps_per_epoch} steps/epoch, up to {config.epochs} "
-        f"epochs; trainable parameters {counts}"
+        + f"; total batch {run.total_batch}, {run.steps_per_epoch} steps/epoch, up to "
+        f"{config.epochs} epochs; trainable parameters {counts}"
     )
     if config.tensorboard:
-        accelerator.init_trackers(
+        run.accelerator.init_trackers(
             "tensorboard",
             config={**_flat("model/", model_config.to_dict()), **_flat("train/", config.to_dict())},
         )
 
-    cfg = accelerator.unwrap_model(model).config
-    params = [p for g in groups for p in g["params"]]
-    show = accelerator.is_local_main_process
-    while state.epoch < config.epochs and not state.stopped_early:
-        epoch = state.epoch
-        model.train()
-        loader.set_epoch(epoch)
-        sampler.skip = state.step_in_epoch * total_batch
-        bar = tqdm(
-            loader,
-            total=steps_per_epoch,
-            initial=state.step_in_epoch,
-            desc=f"epoch {epoch + 1}/{config.epochs}",
-            disable=not show,
-            leave=False,
-        )
-        for batch in bar:
-            out_b = model(batch["pixels"], list(batch["prompt"]))
-            loss, parts = hyperalign_loss(out_b, batch["target"], cfg)
-            accelerator.backward(loss)
-            if config.grad_clip > 0:
-                accelerator.clip_grad_norm_(params, config.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step_in_epoch += 1
-            state.global_step += 1
-            for k, v in parts.items():
-                state.running[k] = state.running.get(k, 0.0) + v
-            if state.global_step % config.log_every == 0:
-                logs = {f"train/{k}": v for k, v in parts.items()}
-                logs.update({f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups})
-                accelerator.log(logs, step=state.global_step)
-                bar.set_postfix(loss=f"{parts['loss']:.4f}")
-            if config.checkpoint_every and state.global_step % config.checkpoint_every == 0:
-                _save_state(accelerator, state_dir)
-        sampler.skip = 0
-        n_steps = max(state.step_in_epoch, 1)
 
-        val = evaluate_samples(
-            model, split.val, dataset, image_root, None, accelerator=accelerator, loader=val_loader
-        )
-        score = val["srcc"] if math.isfinite(val["srcc"]) else -math.inf  # nan: constant preds
-        # The first epoch always gives a best checkpoint, whatever its score.
-        improved = state.best_epoch < 0 or score > state.best_val_srcc + config.min_delta
-        if improved:
-            state.best_val_srcc, state.best_epoch, state.bad_epochs = score, epoch, 0
-            if main:
-                net = accelerator.unwrap_model(model)
-                net.config.extra = {
-                    **net.config.extra,
-                    "best_epoch": epoch,
-                    "val_srcc": val["srcc"],
-                    "val_plcc": val["plcc_logistic"],
-                }
-                net.save_pretrained(out / "best")
-        else:
-            state.bad_epochs += 1
-        entry = {
-            "epoch": epoch,
-            **{f"train_{k}": v / n_steps for k, v in state.running.items()},
-            **{f"val_{k}": val[k] for k in METRIC_NAMES},
-        }
-        state.history.append(entry)
-        accelerator.log({f"val/{k}": val[k] for k in METRIC_NAMES}, step=state.global_step)
-        accelerator.print(
-            f"epoch {epoch + 1}: "
-            + (f"train loss {entry['train_loss']:.4f}, " if "train_loss" in entry else "")
-            + f"val SRCC {val['srcc']:.4f} PLCC {val['plcc_logistic']:.4f}"
-            + (
-                " (best)"
-                if improved
-                else f" (best {state.best_val_srcc:.4f} @ {state.best_epoch + 1})"
-            )
-        )
-        state.epoch += 1
-        state.step_in_epoch = 0
-        state.running = {}
-        if state.bad_epochs >= config.patience:
-            state.stopped_early = True
-            accelerator.print(f"early stop: no val SRCC gain for {config.patience} epochs")
-        _save_state(accelerator, state_dir)
+def _train_epoch(run: _Run) -> None:
+    """The remaining optimizer steps of the current epoch (from ``step_in_epoch`` on)."""
+    from tqdm.auto import tqdm
 
-    accelerator.wait_for_everyone()
-    best = HyperAlign.from_pretrained(out / "best", device=accelerator.device).eval()
-    test = evaluate_samples(
-        best,
-        split.test,
-        dataset,
-        image_root,
-        out / "test",
-        batch_size=config.eval_batch_size,
-        num_workers=config.num_workers,
-        accelerator=accelerator,
-        title=f"{dataset.name} test ({split.mode}, seed {split_info['seed']})",
+    state, config = run.state, run.config
+    run.model.train()
+    run.loader.set_epoch(state.epoch)
+    run.sampler.skip = state.step_in_epoch * run.total_batch
+    bar = tqdm(
+        run.loader,
+        total=run.steps_per_epoch,
+        initial=state.step_in_epoch,
+        desc=f"epoch {state.epoch + 1}/{config.epochs}",
+        disable=not run.accelerator.is_local_main_process,
+        leave=False,
     )
+    head_config = run.net.config
+    params = [p for g in run.groups for p in g["params"]]
+    for batch in bar:
+        out = run.model(batch["pixels"], list(batch["prompt"]))
+        loss, parts = hyperalign_loss(out, batch["target"], head_config)
+        run.accelerator.backward(loss)
+        if config.grad_clip > 0:
+            run.accelerator.clip_grad_norm_(params, config.grad_clip)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        state.step_in_epoch += 1
+        state.global_step += 1
+        for k, v in parts.items():
+            state.running[k] = state.running.get(k, 0.0) + v
+        if state.global_step % config.log_every == 0:
+            logs = {f"train/{k}": v for k, v in parts.items()}
+            logs.update({f"lr/{g['name']}": g["lr"] for g in run.optimizer.param_groups})
+            run.accelerator.log(logs, step=state.global_step)
+            bar.set_postfix(loss=f"{parts['loss']:.4f}")
+        if config.checkpoint_every and state.global_step % config.checkpoint_every == 0:
+            save_train_state(run)
+    run.sampler.skip = 0
+
+
+def _validate(run: _Run) -> None:
+    """Score the validation subset, keep the best checkpoint, record the epoch, and decide
+    on early stopping."""
+    state, config, acc = run.state, run.config, run.accelerator
+    epoch, n_steps = state.epoch, max(state.step_in_epoch, 1)
+    val = evaluate_samples(
+        run.model,
+        run.split.val,
+        run.dataset,
+        run.image_root,
+        None,
+        accelerator=acc,
+        loader=run.val_loader,
+    )
+    score = val["srcc"] if math.isfinite(val["srcc"]) else -math.inf  # nan: constant preds
+    # The first epoch always gives a best checkpoint, whatever its score.
+    improved = state.best_epoch < 0 or score > state.best_val_srcc + config.min_delta
+    if improved:
+        state.best_val_srcc, state.best_epoch, state.bad_epochs = score, epoch, 0
+        if run.main:
+            _save_best(run, epoch, val)
+    else:
+        state.bad_epochs += 1
+    entry = {
+        "epoch": epoch,
+        **{f"train_{k}": v / n_steps for k, v in state.running.items()},
+        **{f"val_{k}": val[k] for k in METRIC_NAMES},
+    }
+    state.history.append(entry)
+    acc.log({f"val/{k}": val[k] for k in METRIC_NAMES}, step=state.global_step)
+    best = " (best)" if improved else f" (best {state.best_val_srcc:.4f} @ {state.best_epoch + 1})"
+    acc.print(
+        f"epoch {epoch + 1}: "
+        + (f"train loss {entry['train_loss']:.4f}, " if "train_loss" in entry else "")
+        + f"val SRCC {val['srcc']:.4f} PLCC {val['plcc_logistic']:.4f}"
+        + best
+    )
+    state.epoch += 1
+    state.step_in_epoch = 0
+    state.running = {}
+    if state.bad_epochs >= config.patience:
+        state.stopped_early = True
+        acc.print(f"early stop: no val SRCC gain for {config.patience} epochs")
+
+
+def _save_best(run: _Run, epoch: int, val: dict) -> None:
+    """Save the current model as ``best/`` with its validation scores in ``config.extra``."""
+    net = run.net
+    net.config.extra = {
+        **net.config.extra,
+        "best_epoch": epoch,
+        "val_srcc": val["srcc"],
+        "val_plcc": val["plcc_logistic"],
+    }
+    net.save_pretrained(run.out / "best")
+
+
+def _final_test(run: _Run) -> dict:
+    """Metrics of the best checkpoint on the test subset (files under ``test/``)."""
+    acc = run.accelerator
+    acc.wait_for_everyone()
+    best = HyperAlign.from_pretrained(run.out / "best", device=acc.device).eval()
+    return evaluate_samples(
+        best,
+        run.split.test,
+        run.dataset,
+        run.image_root,
+        run.out / "test",
+        batch_size=run.config.eval_batch_size,
+        num_workers=run.config.num_workers,
+        accelerator=acc,
+        title=f"{run.dataset.name} test ({run.split.mode}, seed {run.split_info['seed']})",
+    )
+
+
+def _write_result(run: _Run, test: dict) -> dict:
+    """Write ``result.json``, print the test metrics and close the trackers."""
+    state, acc = run.state, run.accelerator
     result = {
-        "dataset": dataset.name,
-        "split": split_info,
+        "dataset": run.dataset.name,
+        "split": run.split_info,
         "best_epoch": state.best_epoch,
         "best_val_srcc": state.best_val_srcc,
         "epochs_run": state.epoch,
@@ -505,15 +656,15 @@ def train(
         "test": test,
         "history": state.history,
     }
-    if main:
-        _write_json(out / "result.json", result)
-    accelerator.print(
-        f"{out}: test SRCC {test['srcc']:.4f}, PLCC {test['plcc_logistic']:.4f} "
+    if run.main:
+        atomic_write_json(run.out / "result.json", result)
+    acc.print(
+        f"{run.out}: test SRCC {test['srcc']:.4f}, PLCC {test['plcc_logistic']:.4f} "
         f"(raw {test['plcc']:.4f}), KRCC {test['krcc']:.4f}, RMSE {test['rmse']:.4f}"
     )
-    for tracker in accelerator.trackers:  # not end_training(): that ends the process group
+    for tracker in acc.trackers:  # not end_training(): that ends the process group
         tracker.finish()
-    accelerator.wait_for_everyone()
+    acc.wait_for_everyone()
     return result
 
 
@@ -523,14 +674,10 @@ def _pin_random_backbone(model: HyperAlign, out: Path, accelerator) -> HyperAlig
     Save them once to ``<run>/random_backbone.safetensors`` and rebuild the model from that
     file, so ``save_pretrained`` copies it along and every checkpoint reloads the same towers.
     """
-    from safetensors.torch import save_file
-
     path = out / RANDOM_BACKBONE
     if accelerator.is_main_process and not path.is_file():
         state = {k: v.detach().contiguous().cpu() for k, v in model.clip.state_dict().items()}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(state, str(tmp))
-        os.replace(tmp, path)
+        atomic_write_bytes(path, save(state))
     accelerator.wait_for_everyone()
     config = model.config.replace(pretrained=RANDOM_BACKBONE)
     return HyperAlign(config, device=accelerator.device, base_dir=out)
@@ -541,7 +688,7 @@ def _check_same_run(out: Path, record: dict) -> None:
     path = out / "run_config.json"
     if not path.is_file():
         raise ValueError(f"{out} holds a saved state but no run_config.json; pass --restart")
-    saved = json.loads(path.read_text())
+    saved = read_json(path)
     record = json.loads(json.dumps(record))  # tuples -> lists, as stored
     diffs = [k for k in ("dataset", "target_range", "split", "model") if saved.get(k) != record[k]]
     diffs += [
@@ -582,11 +729,11 @@ def train_splits(
         "mean_std": {k: list(v) for k, v in mean_std(tests).items()},
         "per_split": tests,
     }
-    _write_json(out / "summary.json", summary)
+    atomic_write_json(out / "summary.json", summary)
     table = format_table(
         {**{f"split_{i}": t for i, t in enumerate(tests)}, "mean ± std": mean_std(tests)}
     )
-    (out / "summary.md").write_text(table + "\n")
+    atomic_write_text(out / "summary.md", table + "\n")
     print(table)
     return summary
 
@@ -612,8 +759,8 @@ def run_ablations(
         summary = train_splits(variant, config, dataset, image_root, out / name, n_splits, **kwargs)
         rows[name] = {k: tuple(v) for k, v in summary["mean_std"].items()}
     table = format_table(rows, ("srcc", "plcc_logistic", "plcc", "krcc", "rmse"))
-    (out / "ablation.md").write_text(table + "\n")
-    _write_json(
+    atomic_write_text(out / "ablation.md", table + "\n")
+    atomic_write_json(
         out / "ablation.json", {k: {m: list(v) for m, v in r.items()} for k, r in rows.items()}
     )
     print(f"\nablation on {dataset.name}, {n_splits} split(s), test mean ± std:\n{table}")
@@ -621,19 +768,20 @@ def run_ablations(
 
 
 # ----------------------------------------------------------------------------------- CLI
-EPILOG = """examples:
-  hyperalign train-reward --dataset agiqa3k --labels ../shared/data/iqa/agiqa3k/data.csv \\
+EPILOG = """examples ($IQA: the folder holding the label files):
+  hyperalign train-reward --dataset agiqa3k --labels $IQA/agiqa3k/data.csv \\
       --image-root /data/AGIQA-3K --out runs/agiqa3k --splits 10
-  hyperalign train-reward --dataset aigciqa2023 --labels ../shared/data/iqa/amff_splits/AIGCIQA2023/1 \\
+  hyperalign train-reward --dataset aigciqa2023 --labels $IQA/amff_splits/AIGCIQA2023/1 \\
       --image-root /data/AIGCIQA2023 --out runs/abl --ablation all
   accelerate launch -m hyperalign train-reward ...   (same options; multi-GPU / mixed precision)
 
 Re-running a command resumes it from <out>/split_<i>/state/last; --restart starts over.
-The checkpoint to use afterwards is <out>/split_<i>/best (hyperalign score/eval --model).
+The checkpoint to use afterwards is <out>/split_<i>/best (hyperalign score/eval-reward --model).
 """
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``train-reward`` options: data, run folder, model and every ``TrainConfig`` field."""
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
     add_data_arguments(parser)
@@ -704,10 +852,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             train_group.add_argument(flag, type=type(f.default), default=f.default, help=help_text)
 
 
+def _read_model_config(path: str) -> dict:
+    """The ``--model-config`` JSON object; errors name the file."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"--model-config {path} does not exist") from err
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"--model-config {path} is not valid UTF-8 JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"--model-config {path} must hold a JSON object of HyperAlignConfig fields, got "
+            f"{type(data).__name__}"
+        )
+    return data
+
+
 def configs_from_args(args: argparse.Namespace) -> tuple[HyperAlignConfig, TrainConfig]:
+    """The model and training configs a ``train-reward`` command line asks for."""
     overrides: dict = {}
     if args.model_config:
-        overrides.update(json.loads(Path(args.model_config).read_text()))
+        overrides.update(_read_model_config(args.model_config))
     pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
     overrides.update(backbone=args.backbone, pretrained=pretrained, tuning=args.tuning)
     if args.no_entailment:
@@ -724,6 +889,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[HyperAlignConfig, Train
 
 
 def run(args: argparse.Namespace) -> int:
+    """Train the requested splits (or ablation rows); 0 on success."""
     model_config, train_config = configs_from_args(args)
     dataset = load_dataset(args.dataset, args.labels, args.format)
     kwargs = {"cpu": args.cpu, "restart": args.restart, "labels": str(args.labels)}

@@ -1,14 +1,15 @@
 """Configuration of DDPO fine-tuning: one typed dataclass, presets as functions.
 
 Field names follow trl 0.23 `DDPOConfig` where one exists (`sample_*`, `train_*`,
-`per_prompt_stat_tracking_*`, `async_reward_computation`, ...), so users of the removed trl
-trainer find their knobs. Differences from trl: `advantage_mode` replaces the boolean
+`per_prompt_stat_tracking_*`, `async_reward_computation`, ...), so users of trl's
+`DDPOTrainer` find their knobs. Differences from trl: `advantage_mode` replaces the boolean
 `per_prompt_stat_tracking` (True <-> "per_prompt", False <-> "global") and adds "group";
 `negative_prompt` is one string (trl: `negative_prompts`); reward and prompt functions are
 named by registry specs (see `rlhf.rewards`, `rlhf.prompts`) so a run is fully described by
 its saved JSON config.
 
-Batch sizes are per process (per GPU) unless the name says "total".
+Batch sizes are per process (per GPU) unless the name says "total". Values are type-checked
+when a config is loaded, overridden or validated.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hyperalign.common import atomic_write_text, strict_json
 from shapes.assets import SD_DIR
 
 __all__ = [
@@ -31,12 +34,15 @@ __all__ = [
     "PRESETS",
     "get_preset",
     "apply_overrides",
+    "RESUME_MAY_CHANGE",
+    "resume_differences",
 ]
 
 ADVANTAGE_MODES = ("per_prompt", "group", "group_centered", "global")
 TIMESTEP_SELECTIONS = ("random", "early")
 TRAIN_MODES = ("ppo", "draft")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
+LOG_WITH = ("tensorboard", "wandb", "all", "none")
 
 
 @dataclass
@@ -84,7 +90,7 @@ class DDPOConfig:
     save_freq: int = 20
     """Save a resumable checkpoint every N epochs (and always at the end); 0: only at the end."""
     num_checkpoint_limit: int = 5
-    """Keep at most this many checkpoints (oldest deleted first)."""
+    """Keep at most this many checkpoints (oldest deleted first); >= 1."""
     resume_from: str | None = None
     """Checkpoint directory to resume from, or "latest" for the newest one of this run."""
 
@@ -153,10 +159,9 @@ class DDPOConfig:
     train_timestep_selection: str = "random"
     """"random": a random subset of all steps, drawn per sample (DDPO). "early": the first
     `num_train_timesteps` steps of the trajectory (the noisiest, where layout, colours and
-    counts are decided), in random order. The last DDIM steps have a tiny std (eta 1, 20
-    steps: 0.04 and 0.02 against 0.4-0.64 early on), so their log-probs move ~10x more per unit
-    of parameter change; drawn at random they dominate the clipped gradient with changes to
-    fine detail (BENCHMARKS.md, "The main job")."""
+    counts are decided), in random order. The last DDIM steps have the smallest std, so their
+    log-probs move most per unit of parameter change; drawn at random they dominate the
+    clipped gradient with changes to fine detail."""
     train_kl_coef: float = 0.0
     """Weight of the KL penalty to the adapter-disabled (reference) model; 0 disables it
     (saves one UNet forward per step)."""
@@ -201,6 +206,14 @@ class DDPOConfig:
 
     def validate(self) -> None:
         """Raise `ValueError` naming every impossible setting and how to fix it."""
+        errs = type_errors(self)
+        if not errs:  # the range checks below compare numbers: only with the right types
+            errs = self._range_errors() + self._combination_errors()
+        if errs:
+            raise ValueError("invalid DDPOConfig:\n  - " + "\n  - ".join(errs))
+
+    def _range_errors(self) -> list[str]:
+        """Settings that are out of range on their own."""
         errs: list[str] = []
 
         def need(ok: bool, msg: str) -> None:
@@ -209,6 +222,7 @@ class DDPOConfig:
 
         for name in (
             "num_epochs",
+            "num_checkpoint_limit",
             "sample_num_steps",
             "sample_batch_size",
             "sample_num_batches_per_epoch",
@@ -223,6 +237,10 @@ class DDPOConfig:
         ):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         need(self.save_freq >= 0, f"save_freq must be >= 0, got {self.save_freq}")
+        need(self.log_image_freq >= 0, f"log_image_freq must be >= 0, got {self.log_image_freq}")
+        for name, value in dataclasses.asdict(self).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                errs.append(f"{name} must be a finite number, got {value}")
         need(
             0 < self.sample_eta <= 1,
             f"sample_eta must be in (0, 1] (log-probs need a stochastic step), got {self.sample_eta}",
@@ -231,55 +249,63 @@ class DDPOConfig:
             0 < self.train_timestep_fraction <= 1,
             f"train_timestep_fraction must be in (0, 1], got {self.train_timestep_fraction}",
         )
-        if self.sample_num_steps >= 1 and 0 < self.train_timestep_fraction <= 1:
-            need(
-                self.num_train_timesteps >= 1,
-                f"sample_num_steps * train_timestep_fraction = {self.sample_num_steps} * "
-                f"{self.train_timestep_fraction} trains on 0 timesteps; raise either",
-            )
         need(self.train_clip_range > 0, "train_clip_range must be > 0")
-        need(
-            self.train_timestep_selection in TIMESTEP_SELECTIONS,
-            f"train_timestep_selection must be one of {TIMESTEP_SELECTIONS}, "
-            f"got {self.train_timestep_selection!r}",
-        )
         need(self.train_adv_clip_max > 0, "train_adv_clip_max must be > 0")
         need(self.train_max_grad_norm > 0, "train_max_grad_norm must be > 0")
-        need(self.train_learning_rate > 0, "train_learning_rate must be > 0")
+        need(
+            self.train_learning_rate > 0,
+            f"train_learning_rate must be > 0, got {self.train_learning_rate}",
+        )
+        for name in ("train_adam_beta1", "train_adam_beta2"):
+            need(
+                0 <= getattr(self, name) < 1, f"{name} must be in [0, 1), got {getattr(self, name)}"
+            )
+        need(self.train_adam_epsilon > 0, "train_adam_epsilon must be > 0")
+        need(self.train_adam_weight_decay >= 0, "train_adam_weight_decay must be >= 0")
         need(self.train_kl_coef >= 0, "train_kl_coef must be >= 0")
-        need(
-            self.mixed_precision in MIXED_PRECISIONS,
-            f"mixed_precision must be one of {MIXED_PRECISIONS}, got {self.mixed_precision!r}",
-        )
-        need(
-            self.advantage_mode in ADVANTAGE_MODES,
-            f"advantage_mode must be one of {ADVANTAGE_MODES}, got {self.advantage_mode!r}",
-        )
-        need(
-            self.train_mode in TRAIN_MODES,
-            f"train_mode must be one of {TRAIN_MODES}, got {self.train_mode!r}",
-        )
-        need(
-            self.log_with in ("tensorboard", "wandb", "all", "none"),
-            f"log_with must be tensorboard|wandb|all|none, got {self.log_with!r}",
-        )
+        need(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}")
         need(
             self.resolution is None or (self.resolution > 0 and self.resolution % 8 == 0),
             f"resolution must be a positive multiple of 8, got {self.resolution}",
         )
-        if self.sample_batch_size >= 1 and self.sample_num_images_per_prompt >= 1:
-            need(
-                self.sample_batch_size % self.sample_num_images_per_prompt == 0,
-                f"sample_num_images_per_prompt={self.sample_num_images_per_prompt} must divide "
-                f"sample_batch_size={self.sample_batch_size}",
-            )
         need(
-            self.advantage_mode not in ("group", "group_centered")
-            or self.sample_num_images_per_prompt >= 2,
-            f"advantage_mode={self.advantage_mode!r} normalises inside groups of images of the "
-            "same prompt; set "
-            "sample_num_images_per_prompt >= 2",
+            _is_plain_name(self.run_name),
+            f"run_name must be a plain folder name inside logdir (not empty or absolute, no "
+            f"'/', '\\\\' or '..'), got {self.run_name!r}",
         )
+        for name, valid in (
+            ("train_timestep_selection", TIMESTEP_SELECTIONS),
+            ("mixed_precision", MIXED_PRECISIONS),
+            ("advantage_mode", ADVANTAGE_MODES),
+            ("train_mode", TRAIN_MODES),
+            ("log_with", LOG_WITH),
+        ):
+            value = getattr(self, name)
+            need(value in valid, f"{name} must be one of {valid}, got {value!r}")
+        return errs
+
+    def _combination_errors(self) -> list[str]:
+        """Settings that are valid alone but impossible together."""
+        errs: list[str] = []
+        if 0 < self.train_timestep_fraction <= 1 and self.num_train_timesteps < 1:
+            errs.append(
+                f"sample_num_steps * train_timestep_fraction = {self.sample_num_steps} * "
+                f"{self.train_timestep_fraction} trains on 0 timesteps; raise either"
+            )
+        if self.sample_num_images_per_prompt >= 1 and (
+            self.sample_batch_size % self.sample_num_images_per_prompt
+        ):
+            errs.append(
+                f"sample_num_images_per_prompt={self.sample_num_images_per_prompt} must divide "
+                f"sample_batch_size={self.sample_batch_size}"
+            )
+        if self.advantage_mode in ("group", "group_centered") and (
+            self.sample_num_images_per_prompt < 2
+        ):
+            errs.append(
+                f"advantage_mode={self.advantage_mode!r} normalises inside groups of images of "
+                "the same prompt; set sample_num_images_per_prompt >= 2"
+            )
         per_proc = self.sample_batch_size * self.sample_num_batches_per_epoch
         if self.train_batch_size >= 1 and per_proc >= 1:
             if per_proc % self.train_batch_size:
@@ -297,14 +323,12 @@ class DDPOConfig:
                     f"{self.train_gradient_accumulation_steps}: an optimizer step would span "
                     "two epochs; change train_batch_size or the accumulation steps"
                 )
-        if self.train_mode == "draft":
-            need(
-                1 <= self.draft_k <= self.sample_num_steps,
+        if self.train_mode == "draft" and not 1 <= self.draft_k <= self.sample_num_steps:
+            errs.append(
                 f"draft_k must be in [1, sample_num_steps={self.sample_num_steps}], "
-                f"got {self.draft_k}",
+                f"got {self.draft_k}"
             )
-        if errs:
-            raise ValueError("invalid DDPOConfig:\n  - " + "\n  - ".join(errs))
+        return errs
 
     def to_dict(self) -> dict:
         """A JSON-ready dict of every field."""
@@ -313,15 +337,85 @@ class DDPOConfig:
         return d
 
     def save(self, path: str | Path) -> None:
-        """Write the resolved config as JSON."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        """Write the resolved config as strict JSON, atomically."""
+        text = json.dumps(strict_json(self.to_dict()), indent=2, sort_keys=True, allow_nan=False)
+        atomic_write_text(path, text + "\n")
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> DDPOConfig:
+        """A config from a dict such as `to_dict` returns; unknown fields and values of the
+        wrong type raise `ValueError` naming the field, the expected type and `source`.
+        Missing fields keep their defaults."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{source} must hold a JSON object, got {type(d).__name__}")
+        hints = typing.get_type_hints(cls)
+        unknown = [k for k in d if k not in hints]
+        if unknown:
+            parts = []
+            for k in unknown:
+                close = difflib.get_close_matches(k, list(hints), n=2)
+                parts.append(f"{k!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+            raise ValueError(f"{source}: unknown config fields {', '.join(parts)}")
+        values, errs = {}, []
+        for key, value in d.items():
+            try:
+                values[key] = check_value(key, value, hints[key])
+            except ValueError as err:
+                errs.append(str(err))
+        if errs:
+            raise ValueError(f"{source}: " + "; ".join(errs))
+        return cls(**values)
 
     @classmethod
     def load(cls, path: str | Path) -> DDPOConfig:
-        """Read a config written by `save`."""
-        d = json.loads(Path(path).read_text())
-        d["lora_target_modules"] = tuple(d.get("lora_target_modules", ()))
-        return cls(**d)
+        """Read a config written by `save`; errors name the file and the field."""
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"cannot parse config file {path}: {err}") from err
+        return cls.from_dict(d, source=f"config file {path}")
+
+
+RESUME_MAY_CHANGE: tuple[str, ...] = (
+    "num_epochs",
+    "resume_from",
+    "save_freq",
+    "num_checkpoint_limit",
+    "logdir",
+    "run_name",
+    "log_with",
+    "log_image_freq",
+    "log_num_images",
+    "async_reward_computation",
+    "max_workers",
+    "max_consecutive_nonfinite",
+    "allow_tf32",
+    "extra",
+)
+"""Fields a resumed run may set differently from its checkpoint: run length, bookkeeping,
+logging and throughput. They take effect as given and are recorded in the run's config.json.
+Every other field shapes the saved optimizer, RNG or tracker state or what is optimised (a
+resumed optimizer keeps its learning rate, for example), so the trainer refuses to resume
+with a different value."""
+
+
+def resume_differences(saved: DDPOConfig, current: DDPOConfig) -> list[tuple[str, object, object]]:
+    """`(field, saved value, current value)` for every field outside `RESUME_MAY_CHANGE`
+    that differs between a checkpoint's config and the current one."""
+    a, b = saved.to_dict(), current.to_dict()
+    return [(k, a[k], b[k]) for k in a if k not in RESUME_MAY_CHANGE and a[k] != b[k]]
+
+
+def _is_plain_name(name: str) -> bool:
+    """True when `name` is one folder name that stays inside its parent directory."""
+    return (
+        bool(name.strip())
+        and not any(sep in name for sep in ("/", "\\", "\0"))
+        and ".." not in name
+        and name != "."
+        and not Path(name).is_absolute()
+    )
 
 
 # --- presets: functions that build on each other -------------------------------------------
@@ -400,11 +494,11 @@ def shapes_demo() -> DDPOConfig:
     cfg.sample_num_batches_per_epoch = 2
     cfg.sample_num_images_per_prompt = 4
     # Centred group advantages: near-tied groups stay small instead of being blown up to unit
-    # variance (BENCHMARKS.md: they track the oracle's within-group ranking better).
+    # variance.
     cfg.advantage_mode = "group_centered"
     cfg.train_batch_size = 8
-    # 3e-3 drifts: even with the oracle itself as the reward it lowered the oracle (random-walk
-    # damage of noisy policy gradients); 1e-3 raised it (BENCHMARKS.md, "The main job").
+    # The learning rate and advantage mode were chosen by the comparisons in BENCHMARKS.md
+    # ("The main job").
     cfg.train_learning_rate = 1e-3
     cfg.train_clip_range = 0.2
     cfg.train_timestep_fraction = 0.5
@@ -428,7 +522,67 @@ def get_preset(name: str) -> DDPOConfig:
     return PRESETS[name]()
 
 
+def _describe(annotation) -> str:
+    """The expected type in words, for error messages."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return f"{_describe(inner[0])} or null"
+    return {
+        bool: "a boolean (true/false)",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        dict: "a JSON object",
+    }.get(annotation, "a list of strings" if origin is tuple else str(annotation))
+
+
+def check_value(name: str, value, annotation):
+    """`value` as the type `annotation` of field `name` (ints accepted for floats, integral
+    floats for ints, lists for tuples); anything else raises `ValueError` naming the field
+    and the expected type."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        try:
+            return check_value(name, value, inner[0])
+        except ValueError:
+            pass
+    elif annotation is bool and isinstance(value, bool):
+        return value
+    elif annotation is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif annotation is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    elif annotation is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    elif annotation is str and isinstance(value, str):
+        return value
+    elif origin is tuple and isinstance(value, list | tuple):
+        if all(isinstance(v, str) for v in value):
+            return tuple(value)
+    elif (annotation is dict or origin is dict) and isinstance(value, dict):
+        return value
+    raise ValueError(
+        f"{name} must be {_describe(annotation)}, got {value!r} ({type(value).__name__})"
+    )
+
+
+def type_errors(cfg: DDPOConfig) -> list[str]:
+    """One message per field of `cfg` whose value does not have the field's type."""
+    errs = []
+    for name, annotation in typing.get_type_hints(DDPOConfig).items():
+        try:
+            check_value(name, getattr(cfg, name), annotation)
+        except ValueError as err:
+            errs.append(str(err))
+    return errs
+
+
 def _parse_value(raw: str, annotation) -> object:
+    """A `--set` string as the field type `annotation`."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
@@ -442,14 +596,23 @@ def _parse_value(raw: str, annotation) -> object:
         if raw.lower() in ("0", "false", "no", "off"):
             return False
         raise ValueError(f"expected a boolean (true/false), got {raw!r}")
-    if annotation is int:
-        return int(raw)
-    if annotation is float:
-        return float(raw)
+    try:
+        if annotation is int:
+            return int(raw)
+        if annotation is float:
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"expected {_describe(annotation)}, got {raw!r}") from None
     if origin is tuple:
         return tuple(s.strip() for s in raw.split(",") if s.strip())
     if annotation is dict or origin is dict:
-        return json.loads(raw)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"expected a JSON object, got {raw!r}: {err}") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a JSON object, got {raw!r}")
+        return value
     return raw
 
 
@@ -457,7 +620,8 @@ def apply_overrides(cfg: DDPOConfig, overrides: list[str]) -> DDPOConfig:
     """Apply `key=value` strings to `cfg` (in place, returned), parsing by the field type.
 
     Tuples are comma-separated; `None` clears optional fields. Unknown keys raise a
-    `ValueError` suggesting the closest field names.
+    `ValueError` suggesting the closest field names; a value that does not parse as the
+    field's type raises one naming the field and the expected type.
     """
     hints = typing.get_type_hints(DDPOConfig)
     for item in overrides:

@@ -21,15 +21,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from rlhf.checkpoint_eval import bootstrap_ci
+from hyperalign.common import atomic_write_json, atomic_write_text
+from hyperalign.stats import ci_summary, correlations, paired_ci
 from rlhf.config import DDPOConfig, apply_overrides, shapes_demo
+from rlhf.pipeline import SamplerSettings, generate_batches, load_pipeline
 from rlhf.prompts import FixedPrompts
 from shapes.assets import SD_DIR
 
@@ -37,7 +39,8 @@ DEFAULT_PIPELINE = SD_DIR
 
 
 def held_out_prompts(pipeline_dir: Path) -> list[str]:
-    path = pipeline_dir / "heldout_prompts.json"
+    """The prompts the shapes pipeline never saw in training (``heldout_prompts.json``)."""
+    path = Path(pipeline_dir) / "heldout_prompts.json"
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} is missing; the shapes pipeline is built by scripts/train_shapes_sd.py"
@@ -61,6 +64,7 @@ def training_prompts(n: int, exclude: set[str], seed: int) -> list[str]:
 
 
 def build_reward_fn(reward: str, device):
+    """HyperAlign (weight 1) with the shapes oracle as a zero-weight critic."""
     from reward import WeightedReward, build_reward
     from shapes.oracle import ShapesOracleReward
 
@@ -72,29 +76,48 @@ def build_reward_fn(reward: str, device):
     )
 
 
+@dataclass
+class DemoPrompts:
+    """The demo's prompts: held-out ones judged with fixed seeds, and RL training ones."""
+
+    held_out: list[str]
+    training: list[str]
+    eval_prompts: list[str]  # each held-out prompt repeated --eval-images times
+    eval_seeds: list[int]  # one noise seed per evaluation image
+
+
+@dataclass
+class Judgement:
+    """Held-out images and their scores, at one point of training."""
+
+    images: torch.Tensor  # (N, 3, H, W) in [0, 1], CPU
+    reward: np.ndarray  # (N,) HyperAlign
+    oracle: np.ndarray  # (N,) oracle alignment
+
+
+def eval_settings(cfg: DDPOConfig) -> SamplerSettings:
+    """The sampler of the before/after judgement: the RL sampler's steps, CFG and eta."""
+    return SamplerSettings(
+        steps=cfg.sample_num_steps, guidance_scale=cfg.sample_guidance_scale, eta=cfg.sample_eta
+    )
+
+
 @torch.no_grad()
-def generate_and_score(pipe, prompts, seeds, cfg: DDPOConfig, reward_fn, batch: int):
-    """Images for (prompt, seed) pairs, the HyperAlign reward and the oracle alignment."""
+def generate_and_score(pipe, prompts, seeds, settings: SamplerSettings, reward_fn, batch: int):
+    """Images for (prompt, seed) pairs with the HyperAlign reward and the oracle alignment of
+    each (a :class:`Judgement`)."""
     images, hyper, oracle = [], [], []
-    for start in range(0, len(prompts), batch):
+    for start, x in generate_batches(pipe, prompts, seeds, settings, batch):
         p = prompts[start : start + batch]
-        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds[start : start + batch]]
-        x = pipe(
-            prompt=p,
-            num_inference_steps=cfg.sample_num_steps,
-            guidance_scale=cfg.sample_guidance_scale,
-            eta=cfg.sample_eta,
-            generator=gens,
-            output_type="pt",
-        ).images  # (b, 3, H, W) in [0, 1]
         _, info = reward_fn(x, p, [{} for _ in p])
         images.append(x.cpu())
         hyper += info["hyperalign"]
         oracle += info["oracle"]
-    return torch.cat(images), np.array(hyper), np.array(oracle)
+    return Judgement(torch.cat(images), np.array(hyper), np.array(oracle))
 
 
 def _plot_curves(history: list[dict], path: Path) -> None:
+    """Mean reward and oracle alignment of each epoch's training samples."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,7 +136,8 @@ def _plot_curves(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _plot_grid(before, after, prompts, hb, ha, ob, oa, path: Path, n: int = 8) -> None:
+def _plot_grid(before: Judgement, after: Judgement, prompts, path: Path, n: int = 8) -> None:
+    """The first ``n`` held-out images before (top) and after (bottom), with their scores."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,11 +146,10 @@ def _plot_grid(before, after, prompts, hb, ha, ob, oa, path: Path, n: int = 8) -
     n = min(n, len(prompts))
     fig, axes = plt.subplots(2, n, figsize=(1.9 * n, 4.6), squeeze=False)
     for j in range(n):
-        for i, (imgs, h, o, tag) in enumerate(
-            ((before, hb, ob, "before"), (after, ha, oa, "after"))
-        ):
+        for i, (judged, tag) in enumerate(((before, "before"), (after, "after"))):
+            h, o = judged.reward, judged.oracle
             ax = axes[i][j]
-            ax.imshow(imgs[j].permute(1, 2, 0).numpy())
+            ax.imshow(judged.images[j].permute(1, 2, 0).numpy())  # (3, H, W) -> (H, W, 3)
             ax.axis("off")
             title = f"{tag}: r {h[j]:.2f} o {o[j]:.2f}"
             ax.set_title(f"{prompts[j][:34]}\n{title}" if i == 0 else title, fontsize=6)
@@ -135,12 +158,8 @@ def _plot_grid(before, after, prompts, hb, ha, ob, oa, path: Path, n: int = 8) -
     plt.close(fig)
 
 
-def _ci(x) -> dict:
-    mean, lo, hi = bootstrap_ci(x)
-    return {"mean": mean, "ci95": [lo, hi], "n": len(x)}
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``hyperalign demo``."""
     parser.add_argument("--pipeline", default=str(DEFAULT_PIPELINE), help="diffusers pipeline dir")
     parser.add_argument("--reward", default="shapes", help="HyperAlign preset or checkpoint")
     parser.add_argument("--out", default="runs/demo", help="output directory")
@@ -157,10 +176,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    from rlhf.trainer import DDPOTrainer, load_pipeline
-
-    t_start = time.perf_counter()
+def demo_config(args: argparse.Namespace) -> DDPOConfig:
+    """The shapes-demo preset with the pipeline, seed, output folder and ``--set`` overrides."""
     out = Path(args.out)
     cfg = shapes_demo()
     cfg.pretrained_model = args.pipeline
@@ -168,86 +185,112 @@ def run(args: argparse.Namespace) -> int:
     cfg.logdir, cfg.run_name = str(out.parent), out.name
     cfg = apply_overrides(cfg, args.set)
     cfg.validate()
+    return cfg
 
-    pipe_dir = Path(args.pipeline)
-    held = held_out_prompts(pipe_dir)[: args.eval_prompts]
+
+def demo_prompts(args: argparse.Namespace) -> DemoPrompts:
+    """Held-out prompts with their evaluation seeds, and training prompts disjoint from them."""
+    held = held_out_prompts(Path(args.pipeline))[: args.eval_prompts]
     train = training_prompts(args.train_prompts, set(held), seed=1000 + args.seed)
     eval_prompts = [p for p in held for _ in range(args.eval_images)]
     eval_seeds = [10_000 * (args.seed + 1) + i for i in range(len(eval_prompts))]
+    return DemoPrompts(held, train, eval_prompts, eval_seeds)
 
+
+def build_trainer(cfg: DDPOConfig, args: argparse.Namespace, prompts: DemoPrompts):
+    """The DDPO trainer on the training prompts, rewarded by HyperAlign (oracle logged)."""
     from accelerate import PartialState
 
-    reward_fn = build_reward_fn(args.reward, PartialState().device)
-    pipe = load_pipeline(cfg)
-    trainer = DDPOTrainer(cfg, reward_fn=reward_fn, prompt_fn=FixedPrompts(train), pipeline=pipe)
-    main = trainer.accelerator.is_main_process
-    batch = cfg.sample_batch_size
+    from rlhf.trainer import DDPOTrainer
 
-    def evaluate():
-        trainer.pipe.unet.eval()
-        return generate_and_score(
-            trainer.pipe, eval_prompts, eval_seeds, cfg, trainer.reward_fn, batch
-        )
+    reward_fn = build_reward_fn(args.reward, PartialState().device)
+    pipe = load_pipeline(
+        cfg.pretrained_model, revision=cfg.pretrained_revision, resolution=cfg.resolution
+    )
+    return DDPOTrainer(
+        cfg, reward_fn=reward_fn, prompt_fn=FixedPrompts(prompts.training), pipeline=pipe
+    )
+
+
+def judge(trainer, prompts: DemoPrompts, cfg: DDPOConfig) -> Judgement:
+    """Generate the held-out images with the trainer's current weights and score them."""
+    trainer.pipe.unet.eval()
+    return generate_and_score(
+        trainer.pipe,
+        prompts.eval_prompts,
+        prompts.eval_seeds,
+        eval_settings(cfg),
+        trainer.reward_fn,
+        cfg.sample_batch_size,
+    )
+
+
+def demo_metrics(args, prompts: DemoPrompts, before: Judgement, after: Judgement) -> dict:
+    """Means with bootstrap intervals before and after, the paired improvement, the
+    reward-oracle correlation and the per-image scores."""
+    pearson, spearman = correlations(
+        np.concatenate([before.reward, after.reward]),
+        np.concatenate([before.oracle, after.oracle]),
+    )
+    return {
+        "seed": args.seed,
+        "held_out_prompts": len(prompts.held_out),
+        "images_per_prompt": args.eval_images,
+        "training_prompts": len(prompts.training),
+        "before": {"reward": ci_summary(before.reward), "oracle": ci_summary(before.oracle)},
+        "after": {"reward": ci_summary(after.reward), "oracle": ci_summary(after.oracle)},
+        "improvement": {
+            "reward": paired_ci(after.reward, before.reward),
+            "oracle": paired_ci(after.oracle, before.oracle),
+        },
+        "reward_oracle_correlation": {"pearson": pearson, "spearman": spearman},
+        "per_image": {
+            "prompt": prompts.eval_prompts,
+            "seed": prompts.eval_seeds,
+            "reward_before": before.reward.tolist(),
+            "reward_after": after.reward.tolist(),
+            "oracle_before": before.oracle.tolist(),
+            "oracle_after": after.oracle.tolist(),
+        },
+    }
+
+
+def write_demo_outputs(out: Path, metrics: dict, history, before, after, prompts) -> str:
+    """``metrics.json`` (strict JSON), ``curves.png``, ``grid_before_after.png`` and
+    ``report.md``; returns the summary table."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "metrics.json", metrics, indent=1)
+    _plot_curves(history, out / "curves.png")
+    _plot_grid(before, after, prompts.eval_prompts, out / "grid_before_after.png")
+    table = summary_table(metrics)
+    atomic_write_text(out / "report.md", render_report(metrics, table))
+    return table
+
+
+def run(args: argparse.Namespace) -> int:
+    """Judge the held-out prompts, fine-tune with DDPO, judge them again, write the report."""
+    t_start = time.perf_counter()
+    cfg = demo_config(args)
+    prompts = demo_prompts(args)
+    trainer = build_trainer(cfg, args, prompts)
 
     t0 = time.perf_counter()
-    img_b, hyper_b, oracle_b = evaluate()
+    before = judge(trainer, prompts, cfg)
     t_eval = time.perf_counter() - t0
     t0 = time.perf_counter()
     history = trainer.train()
     t_train = time.perf_counter() - t0
-    img_a, hyper_a, oracle_a = evaluate()
-    if not main:
+    after = judge(trainer, prompts, cfg)
+    if not trainer.accelerator.is_main_process:
         return 0
 
-    from scipy import stats
-
-    both_h = np.concatenate([hyper_b, hyper_a])
-    both_o = np.concatenate([oracle_b, oracle_a])
-    metrics = {
-        "seed": args.seed,
-        "held_out_prompts": len(held),
-        "images_per_prompt": args.eval_images,
-        "training_prompts": len(train),
-        "before": {"reward": _ci(hyper_b), "oracle": _ci(oracle_b)},
-        "after": {"reward": _ci(hyper_a), "oracle": _ci(oracle_a)},
-        "improvement": {"reward": _ci(hyper_a - hyper_b), "oracle": _ci(oracle_a - oracle_b)},
-        "reward_oracle_correlation": {
-            "pearson": float(stats.pearsonr(both_h, both_o)[0]),
-            "spearman": float(stats.spearmanr(both_h, both_o)[0]),
-        },
-        "per_image": {
-            "prompt": eval_prompts,
-            "seed": eval_seeds,
-            "reward_before": hyper_b.tolist(),
-            "reward_after": hyper_a.tolist(),
-            "oracle_before": oracle_b.tolist(),
-            "oracle_after": oracle_a.tolist(),
-        },
-        "history": history,
-        "time_s": {
-            "eval_once": t_eval,
-            "train": t_train,
-            "total": time.perf_counter() - t_start,
-        },
-        "config": cfg.to_dict(),
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=1, default=str))
-    os.replace(tmp, out / "metrics.json")
-    _plot_curves(history, out / "curves.png")
-    _plot_grid(
-        img_b,
-        img_a,
-        eval_prompts,
-        hyper_b,
-        hyper_a,
-        oracle_b,
-        oracle_a,
-        out / "grid_before_after.png",
-    )
-    table = summary_table(metrics)
-    (out / "report.md").write_text(render_report(metrics, table))
+    metrics = demo_metrics(args, prompts, before, after)
+    metrics["history"] = history
+    total = time.perf_counter() - t_start
+    metrics["time_s"] = {"eval_once": t_eval, "train": t_train, "total": total}
+    metrics["config"] = cfg.to_dict()
+    out = Path(args.out)
+    table = write_demo_outputs(out, metrics, history, before, after, prompts)
     print(table)
     print(f"\nreport: {out / 'report.md'}")
     return 0
@@ -258,6 +301,7 @@ def _row(name: str, m: dict) -> str:
 
 
 def summary_table(m: dict) -> str:
+    """The Markdown table of means, intervals and paired improvements, and the correlation."""
     lines = ["| quantity (held-out prompts) | mean | 95 % CI | n |", "|---|---|---|---|"]
     for what in ("reward", "oracle"):
         lines.append(_row(f"{what} before", m["before"][what]))
@@ -272,6 +316,7 @@ def summary_table(m: dict) -> str:
 
 
 def render_report(m: dict, table: str) -> str:
+    """``report.md``: the setup, the table, a verdict on the oracle, and the output files."""
     cfg = m["config"]
     verdict = (
         "The oracle alignment rose: the improvement's interval is above zero."

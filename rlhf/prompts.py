@@ -1,7 +1,8 @@
 """Prompt functions: picklable callables `() -> (prompt: str, metadata: dict)`.
 
-They draw with Python's global `random` module, which the trainer seeds per process and
-accelerate checkpoints, so runs and resumes are reproducible.
+They draw with Python's global `random` module, which the trainer seeds per process and saves
+in its checkpoints, so runs and resumes are reproducible. Metadata `None` (as some prompt
+functions of other tools return) is accepted and passed to the reward as `{}`.
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ def get_prompt_fn(spec: str) -> Callable[[], tuple[str, dict]]:
 
 
 def check_prompt_fn(prompt_fn: Callable, n: int = 2) -> None:
-    """Call `prompt_fn` `n` times and raise `TypeError` unless each returns `(str, dict)`."""
+    """Call `prompt_fn` `n` times and raise `TypeError` unless each returns `(str, dict)`
+    (or `(str, None)`)."""
     name = getattr(prompt_fn, "__name__", None) or repr(prompt_fn)
     for _ in range(n):
         out = prompt_fn()
@@ -96,7 +98,7 @@ def check_prompt_fn(prompt_fn: Callable, n: int = 2) -> None:
             not isinstance(out, tuple)
             or len(out) != 2
             or not isinstance(out[0], str)
-            or not isinstance(out[1], dict)
+            or not (out[1] is None or isinstance(out[1], dict))
         ):
             raise TypeError(
                 f"prompt function {name} must return (prompt: str, metadata: dict), got "

@@ -16,6 +16,7 @@ __all__ = [
     "group_centered_advantages",
     "global_advantages",
     "compute_advantages",
+    "nanmean",
 ]
 
 # Added to standard deviations before dividing: a prompt whose rewards are all equal gets
@@ -63,8 +64,8 @@ class PerPromptStatTracker:
     has `min_count` of them, its rewards are normalised with that buffer's mean and std,
     before that with the mean and std of the whole current batch.
 
-    Picklable; `state_dict` / `load_state_dict` make it resumable (accelerate's
-    `register_for_checkpointing` uses them).
+    `state_dict` / `load_state_dict` make it resumable; the state is JSON-ready (the trainer
+    stores it in `trainer_state.json`).
     """
 
     def __init__(self, buffer_size: int = 16, min_count: int = 16):
@@ -98,6 +99,7 @@ class PerPromptStatTracker:
         return {"tracked_prompts": len(self.buffers), "prompts_at_min_count": full}
 
     def state_dict(self) -> dict:
+        """Sizes and every prompt's buffered rewards, as JSON-ready values."""
         return {
             "buffer_size": self.buffer_size,
             "min_count": self.min_count,
@@ -105,9 +107,16 @@ class PerPromptStatTracker:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.buffer_size = int(state["buffer_size"])
-        self.min_count = int(state["min_count"])
-        self.buffers = {p: deque(v, maxlen=self.buffer_size) for p, v in state["buffers"].items()}
+        """Restore `state_dict`'s output; malformed state raises `ValueError`."""
+        try:
+            buffer_size, min_count = int(state["buffer_size"]), int(state["min_count"])
+            buffers = {
+                str(p): deque((float(x) for x in v), maxlen=buffer_size)
+                for p, v in state["buffers"].items()
+            }
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ValueError(f"not a PerPromptStatTracker state: {err!r}") from err
+        self.buffer_size, self.min_count, self.buffers = buffer_size, min_count, buffers
 
 
 def compute_advantages(
@@ -135,3 +144,9 @@ def compute_advantages(
     if clip is not None:
         adv = np.clip(adv, -clip, clip)
     return adv
+
+
+def nanmean(values) -> float:
+    """Mean of the non-NaN values; NaN when there are none."""
+    arr = np.asarray(values, dtype=np.float64)
+    return float(np.nanmean(arr)) if arr.size and not np.isnan(arr).all() else float("nan")

@@ -5,17 +5,12 @@ transformers class (UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPToke
 DDIMScheduler), only the sizes are tiny, in the spirit of diffusers' own
 `get_dummy_components` test helpers. Nothing is downloaded.
 
-The tokenizer is a byte-level BPE with no merges: every byte is a token, so any text
-tokenizes (one token per character plus an end-of-word variant). transformers 5 ignores
-`vocab_file=` keyword arguments, so the files are written to a temporary directory and
-loaded with `CLIPTokenizer.from_pretrained(dir)`, which works with transformers 4 and 5.
+The tokenizer is a byte-level BPE with no merges (`shapes.tokenizer.byte_level_tokenizer`):
+every byte is a token, so any text tokenizes (one token per character plus an end-of-word
+variant).
 """
 
 from __future__ import annotations
-
-import json
-import tempfile
-from pathlib import Path
 
 import torch
 
@@ -34,38 +29,12 @@ TINY_TEXT_HIDDEN = 16
 TINY_MAX_LENGTH = 16
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """The GPT-2 / CLIP byte -> printable unicode character table (a documented standard)."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    chars = printable[:]
-    n = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + n)
-            n += 1
-    return dict(zip(printable, [chr(c) for c in chars]))
-
-
 def build_tiny_tokenizer(max_length: int = TINY_MAX_LENGTH):
-    """A `CLIPTokenizer` over single bytes (vocab 514 + 2 specials), built offline."""
-    from transformers import CLIPTokenizer
+    """A `CLIPTokenizer` over single bytes (vocab 512 + 2 specials), built offline
+    (:func:`shapes.tokenizer.byte_level_tokenizer`)."""
+    from shapes.tokenizer import byte_level_tokenizer
 
-    symbols = list(bytes_to_unicode().values())
-    # CLIP's BPE marks the last symbol of a word with "</w>"; a vocab that holds both forms
-    # of every byte encodes any text without merges.
-    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    with tempfile.TemporaryDirectory(prefix="tiny_clip_tok_") as tmp:
-        Path(tmp, "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-        Path(tmp, "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-        tokenizer = CLIPTokenizer.from_pretrained(tmp, model_max_length=max_length)
-    return tokenizer
+    return byte_level_tokenizer(max_length)
 
 
 def sd15_ddim_scheduler():

@@ -15,7 +15,9 @@ an optional field); `--list-fields` prints every field with its documentation an
 `--print-config` shows the resolved config without training. Batch sizes are per GPU.
 Outputs go to `<logdir>/<run_name>/`: `config.json`, resumable `checkpoints/`, the final LoRA
 in `lora/` (load with `StableDiffusionPipeline.load_lora_weights(dir)`) and TensorBoard logs
-in `logs/`. Resume with `--set resume_from=latest`.
+in `logs/`. Resume with `--set resume_from=latest` (or a checkpoint directory); a resume
+with other settings than the checkpoint's is refused, except for the fields of
+`rlhf.config.RESUME_MAY_CHANGE` (run length, logging, bookkeeping).
 """
 
 from __future__ import annotations

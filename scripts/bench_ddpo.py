@@ -7,25 +7,55 @@
 Tables:
 1. our log-prob sampler (`rlhf.sampling.sample_with_logprob`) vs diffusers'
    `StableDiffusionPipeline.__call__` at the same steps, CFG and eta, from the same prompt
-   embeddings (goal: <= 1.10x its time); samples/s and, on CUDA, peak memory;
-2. one DDPO epoch broken down into sampling / reward / training;
+   embeddings (goal: <= 1.10x its time); samples/s and, on CUDA, each sampler's peak memory
+   (`torch.cuda.max_memory_allocated`);
+2. one DDPO epoch (brightness reward, LoRA training on all timesteps) broken down into
+   sampling / reward / training, with samples/s and, on CUDA, the epoch's peak memory; the
+   trainer runs on accelerate's device (the GPU when there is one);
 3. epoch wall time (sampling + rewards) with and without reward overlap, using a reward that
-   sleeps `--slow-reward-s` seconds per batch (a stand-in for a slow reward model).
+   sleeps `--slow-reward-s` seconds per batch (a stand-in for a slow reward model);
+   `--skip-overlap` leaves it out.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import platform
 import statistics
 import time
 
 import torch
 
+from hyperalign.common import DTYPE_CHOICES, parse_dtype
+
 
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def _is_cuda(device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def _reset_peak() -> None:
+    """Release cached blocks and restart the peak-memory counter (CUDA only)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib() -> float:
+    """Peak allocated CUDA memory since the last reset, in GiB (0 without CUDA)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return 0.0
+
+
+def _gib(value: float) -> str:
+    return f"{value:.2f}" if value > 0 else "-"
 
 
 def _time(fn, device: str, repeats: int, warmup: int) -> float:
@@ -45,7 +75,7 @@ def bench_sampler(args) -> None:
     from rlhf.sampling import encode_prompts, sample_with_logprob
     from rlhf.tiny import build_random_sd15_pipeline, build_tiny_pipeline
 
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dtype = parse_dtype(args.dtype)
     if args.model == "tiny":
         pipe = build_tiny_pipeline(0)
     else:
@@ -73,23 +103,18 @@ def bench_sampler(args) -> None:
 
     fns = {"diffusers __call__": diffusers_call, "rlhf sample_with_logprob": ours}
     times = {name: [] for name in fns}
+    peaks = {name: 0.0 for name in fns}
     with torch.no_grad():
         for fn in fns.values():
             for _ in range(args.warmup):
                 fn()
-        if args.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
         # Interleaved repeats: both samplers see the same machine load (shared CPUs).
         for _ in range(args.repeats):
             for name, fn in fns.items():
+                _reset_peak()
                 times[name].append(_time(fn, args.device, 1, 0))
-    mem = (
-        f"{torch.cuda.max_memory_allocated() / 2**30:.2f}"
-        if args.device.startswith("cuda")
-        else "-"
-    )
+                peaks[name] = max(peaks[name], _peak_gib())
     results = {name: statistics.median(t) for name, t in times.items()}
-    rows = [(name, t, args.batch / t, mem) for name, t in results.items()]
     base = results["diffusers __call__"]
     print(
         f"\n### Sampler ({args.model}, {args.device}, {args.dtype}, batch {args.batch}, "
@@ -97,9 +122,11 @@ def bench_sampler(args) -> None:
     )
     print("| sampler | s / batch | samples/s | vs diffusers | peak GiB |")
     print("|---|---|---|---|---|")
-    for name, t, sps, mem in rows:
-        print(f"| {name} | {t:.4f} | {sps:.2f} | {t / base:.3f}x | {mem} |")
-    print()
+    for name, t in results.items():
+        print(
+            f"| {name} | {t:.4f} | {args.batch / t:.2f} | {t / base:.3f}x | {_gib(peaks[name])} |"
+        )
+    print(flush=True)
 
 
 def _tiny_cfg(args, run_name):
@@ -117,24 +144,32 @@ def _tiny_cfg(args, run_name):
     if args.model != "tiny":
         cfg.pretrained_model = "random-sd15"
         cfg.resolution = args.resolution
-        cfg.mixed_precision = {"fp32": "no"}.get(args.dtype, args.dtype)
+        cfg.mixed_precision = {torch.float32: "no", torch.float16: "fp16"}.get(
+            parse_dtype(args.dtype), "bf16"
+        )
     return cfg
 
 
 def bench_epoch(args) -> None:
-    from rlhf.rewards import Brightness, SlowReward
     from rlhf.trainer import DDPOTrainer
 
+    _reset_peak()  # the sampler table's pipeline is gone: this table measures its own
     trainer = DDPOTrainer(_tiny_cfg(args, "bench-epoch"))
     trainer.sample_epoch(0)  # warm-up
     samples, timings = trainer.sample_epoch(0)
     trainer.compute_advantages(samples)
     t0 = time.perf_counter()
     trainer.train_ppo(samples, 0)
+    _sync(str(trainer.device))
     timings["time_training"] = time.perf_counter() - t0
+    peak = _peak_gib()
     total = timings["time_sampling"] + timings["time_reward_wait"] + timings["time_training"]
     n = samples["rewards"].shape[0]
-    print(f"\n### One DDPO epoch ({n} samples, {args.steps} steps, all timesteps trained)\n")
+    print(
+        f"\n### One DDPO epoch ({args.model}, {trainer.device}, "
+        f"{trainer.config.mixed_precision} mixed precision, {n} samples, {args.steps} steps, "
+        "all timesteps trained)\n"
+    )
     print("| phase | s | share |")
     print("|---|---|---|")
     for key, label in (
@@ -143,8 +178,16 @@ def bench_epoch(args) -> None:
         ("time_training", "training (PPO)"),
     ):
         print(f"| {label} | {timings[key]:.3f} | {timings[key] / total:.0%} |")
-    print(f"| total | {total:.3f} | {n / total:.2f} samples/s |\n")
+    print(f"| total | {total:.3f} | {n / total:.2f} samples/s |")
+    if peak > 0:  # CUDA
+        print(f"| peak GiB (sampling + training) | {peak:.2f} | |")
+    print(flush=True)
     trainer.executor.shutdown()
+
+
+def bench_overlap(args) -> None:
+    from rlhf.rewards import Brightness, SlowReward
+    from rlhf.trainer import DDPOTrainer
 
     rows = []
     for overlap in (False, True):
@@ -175,7 +218,8 @@ def main(argv=None) -> int:
     )
     p.add_argument("--model", choices=("tiny", "random-sd15"), default="tiny")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    p.add_argument("--dtype", default="fp32",
+                   help=f"{', '.join(DTYPE_CHOICES)} (or float32, float16, bfloat16)")  # fmt: skip
     p.add_argument("--resolution", type=int, default=512, help="pixels (random-sd15 only)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--num-batches", type=int, default=4, help="sampling batches per epoch")
@@ -187,7 +231,14 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--logdir", default="/tmp/bench_ddpo")
     p.add_argument("--skip-epoch", action="store_true", help="only the sampler table")
+    p.add_argument("--skip-overlap", action="store_true", help="leave out the overlap table")
     args = p.parse_args(argv)
+    try:
+        parse_dtype(args.dtype)
+    except ValueError as e:
+        p.error(str(e))
+    if _is_cuda(args.device) and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA device here; use --device cpu")
     torch.set_num_threads(args.threads)
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else "-"
     print(
@@ -197,6 +248,8 @@ def main(argv=None) -> int:
     bench_sampler(args)
     if not args.skip_epoch:
         bench_epoch(args)
+    if not (args.skip_epoch or args.skip_overlap):
+        bench_overlap(args)
     return 0
 
 

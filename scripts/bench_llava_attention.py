@@ -4,11 +4,15 @@ Usage::
 
     python scripts/bench_llava_attention.py                       # tiny random LLaVA, CPU
     python scripts/bench_llava_attention.py --arch small          # 576 image tokens, CPU
-    python scripts/bench_llava_attention.py --arch llava-1.5-7b --device cuda --dtype float16
+    python scripts/bench_llava_attention.py --arch llava-1.5-7b --device cuda --dtype fp16
+    python scripts/bench_llava_attention.py --arch llava-1.5-7b --layers 8 ...  # 8 of 32 layers
 
 Random weights (no download): only the cost is real. ``--arch llava-1.5-7b`` builds the
 real-size LLaVA-1.5-7B architecture (CLIP ViT-L/14-336 + Llama-7B, 576 image tokens) on the
 given device; it needs a GPU (~15 GB in float16) and is not run on CPU-only machines.
+``--layers N`` keeps N decoder layers of the chosen architecture (k and C scaled with them):
+the per-layer cost is unchanged, so a machine too small for all 32 layers still measures the
+overhead. On CUDA every mode's peak memory (``torch.cuda.max_memory_allocated``) is printed.
 Timed modes, all one prefill forward of the same left-padded batch (``logits_to_keep=1``):
 
 - plain:            sdpa attention, no hooks (the VQAScore baseline);
@@ -29,13 +33,26 @@ import time
 
 import torch
 
+from hyperalign.common import DTYPE_CHOICES, parse_dtype
 from vlm_tools import contrastive_attention as ca
 
 ARCHS = ("tiny", "small", "llava-1.5-7b")
 
 
-def build_config(arch: str):
-    """LlavaConfig of the named architecture."""
+def build_config(arch: str, layers: int | None = None):
+    """LlavaConfig of the named architecture, with ``layers`` decoder layers if given."""
+    config = _arch_config(arch)
+    if layers is not None:
+        if layers < 2:
+            raise ValueError(f"--layers {layers}: the method needs at least 2 decoder layers")
+        config.text_config.num_hidden_layers = layers
+        if getattr(config.text_config, "layer_types", None) is not None:
+            config.text_config.layer_types = config.text_config.layer_types[:1] * layers
+    return config
+
+
+def _arch_config(arch: str):
+    """LlavaConfig of the named architecture (see ``ARCHS``)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     if arch == "tiny":
@@ -118,11 +135,15 @@ def timed_round_robin(fns: dict, device, warmup: int, repeats: int) -> dict:
     return {name: (statistics.median(t), peaks[name]) for name, t in times.items()}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--arch", default="tiny", choices=ARCHS)
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: all)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--dtype", default="fp32", type=parse_dtype,
+                        help=f"{', '.join(DTYPE_CHOICES)} (or float32, float16, bfloat16)")  # fmt: skip
     parser.add_argument("--batch", type=int, default=4, help="image-prompt pairs per forward")
     parser.add_argument("--text-len", type=int, default=40, help="text tokens of the longest row")
     parser.add_argument("--warmup", type=int, default=3)
@@ -130,19 +151,25 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-eager", action="store_true", help="skip the eager baseline")
     parser.add_argument("--threads", type=int, default=1, help="CPU intra-op threads")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device here; use --device cpu")
+    return args
+
+
+def build_model(config, device, dtype):
+    """Random-weight ``LlavaForConditionalGeneration`` built directly on ``device`` (sdpa)."""
     from transformers import LlavaForConditionalGeneration
 
-    torch.set_grad_enabled(False)
-    dtype = getattr(torch, args.dtype)
-    config = build_config(args.arch)
     torch.manual_seed(0)
-    with torch.device(args.device):
+    with torch.device(device):
         model = LlavaForConditionalGeneration._from_config(config, dtype=dtype).eval()
     model.set_attn_implementation("sdpa")
-    n_layers = config.text_config.num_hidden_layers
-    cfg = contrastive_config(n_layers)
-    ids, am, pix, img = make_inputs(config, args.batch, args.text_len, args.device, dtype)
+    return model
+
+
+def time_modes(model, cfg, inputs, args) -> dict:
+    """``{mode: (median ms, peak GiB)}`` for plain, capture, capture+refine (and eager)."""
+    ids, am, pix, img = inputs
     kw = dict(input_ids=ids, attention_mask=am, pixel_values=pix, use_cache=False,
               position_ids=ca.position_ids_from_mask(am), logits_to_keep=1)  # fmt: skip
 
@@ -167,13 +194,30 @@ def main(argv=None) -> int:
         results.update(timed_round_robin({"eager+attentions": eager}, args.device, args.warmup,
                                          args.repeats))  # fmt: skip
         model.set_attn_implementation("sdpa")
+    return results
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    dtype_name = str(args.dtype).removeprefix("torch.")
+    config = build_config(args.arch, args.layers)
+    model = build_model(config, args.device, args.dtype)
+    n_layers = config.text_config.num_hidden_layers
+    full = _arch_config(args.arch).text_config.num_hidden_layers
+    n_params = sum(p.numel() for p in model.parameters())
+    cfg = contrastive_config(n_layers)
+    inputs = make_inputs(config, args.batch, args.text_len, args.device, args.dtype)
+    ids, am, _, img = inputs
+    results = time_modes(model, cfg, inputs, args)
     base = results["plain"][0]
     with ca.ContrastiveRefinement(model, cfg, img, am) as probe:
         n_hooks = probe.active_hooks
-    print(f"\narch {args.arch}: {n_layers} decoder layers, k={cfg.post_layer}, "
-          f"|C|={len(cfg.resolved_candidates())}, {n_hooks} hooks, batch {args.batch}, "
-          f"sequence {ids.shape[1]} tokens ({int(img[0].sum())} image), {args.device} "
-          f"{args.dtype}, {args.threads} CPU thread(s), median of {args.repeats} "
+    print(f"\narch {args.arch}: {n_layers} of {full} decoder layers, {n_params / 1e6:.1f} M "
+          f"params, k={cfg.post_layer}, |C|={len(cfg.resolved_candidates())}, {n_hooks} hooks, "
+          f"batch {args.batch}, sequence {ids.shape[1]} tokens ({int(img[0].sum())} image), "
+          f"{args.device} {dtype_name}, {args.threads} CPU thread(s), median of {args.repeats} "
           f"({'CPU' if args.device == 'cpu' else 'wall'} time)\n")  # fmt: skip
     print("| mode | ms / forward | overhead vs plain | peak GiB |")
     print("|---|---:|---:|---:|")

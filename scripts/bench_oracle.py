@@ -107,7 +107,9 @@ def to_markdown(results: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--n-prompts", type=int, default=300, help="prompts (x ~8 images each)")
     parser.add_argument("--seed", type=int, default=0, help="seed of prompts, scenes and noise")
     parser.add_argument("--image-size", type=int, default=64, help="render size in pixels")

@@ -23,7 +23,6 @@ oracle scores) and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import textwrap
 import time
 from collections import defaultdict
@@ -32,7 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rlhf.checkpoint_eval import bootstrap_ci
+from hyperalign.common import atomic_write_json
+from hyperalign.stats import ci_summary
+from rlhf.demo import held_out_prompts
+from rlhf.pipeline import SamplerSettings, generate_images, load_pipeline
 from shapes.assets import SD_DIR
 from shapes.oracle import oracle_alignment_batch, oracle_facts
 from shapes.perturb import faithful_scene
@@ -45,24 +47,9 @@ DEFAULT_PIPELINE = SD_DIR
 
 def summary(values, seed: int) -> dict:
     """Mean, bootstrap 95 % interval and count of per-prompt scores."""
-    mean, lo, hi = bootstrap_ci(values, seed=seed)
-    return {"mean": mean, "ci95": [lo, hi], "n": len(values)}
+    return ci_summary(values, seed=seed)
 
 
-def load_pipeline(path: Path):
-    """The saved pipeline, fp32 on CPU, offline."""
-    from diffusers import StableDiffusionPipeline
-
-    if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(
-            f"no pipeline at {path}: train one with scripts/train_shapes_sd.py --out {path}"
-        )
-    pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@torch.no_grad()
 def generate(
     pipe,
     prompts: list[str],
@@ -72,22 +59,11 @@ def generate(
     eta: float,
     batch: int = 25,
 ) -> torch.Tensor:
-    """Images (N, 3, H, W) in [0, 1]; image ``i`` uses ``torch.Generator().manual_seed(seed +
-    i)``, so each image depends only on its prompt and seed, not on the batching."""
-    out = []
-    for i in range(0, len(prompts), batch):
-        chunk = prompts[i : i + batch]
-        gens = [torch.Generator().manual_seed(seed + i + k) for k in range(len(chunk))]
-        res = pipe(
-            chunk,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            eta=eta,
-            generator=gens,
-            output_type="pt",
-        )
-        out.append(res.images.float().cpu())  # (b, 3, H, W)
-    return torch.cat(out)
+    """Images (N, 3, H, W) in [0, 1]; image ``i`` uses seed ``seed + i``, so each image depends
+    only on its prompt and seed, not on the batching."""
+    settings = SamplerSettings(steps=steps, guidance_scale=guidance, eta=eta)
+    seeds = [seed + i for i in range(len(prompts))]
+    return generate_images(pipe, prompts, seeds, settings, batch)
 
 
 def random_scene_images(prompts: list[str], seed: int, image_size: int) -> torch.Tensor:
@@ -160,26 +136,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    pipe = load_pipeline(args.pipeline)
-    held_path = args.pipeline / "heldout_prompts.json"
-    if not held_path.is_file():
-        raise FileNotFoundError(f"{held_path} is missing: it is written by train_shapes_sd.py")
-    prompts = json.loads(held_path.read_text())[: args.n_prompts]
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    args.out.mkdir(parents=True, exist_ok=True)
-
-    rows: dict[str, dict] = {}
-    faithful = faithful_images(prompts, args.seed, size)
-    rows["faithful render (ceiling)"] = summary(oracle_alignment_batch(faithful, prompts), 1)
+def reference_rows(pipe, prompts: list[str], seed: int, size: int) -> dict[str, dict]:
+    """Oracle alignment of the faithful renders, their VAE round trip and random scenes."""
+    faithful = faithful_images(prompts, seed, size)
     rt = vae_roundtrip(pipe.vae, faithful)
-    rows["faithful render through the VAE"] = summary(oracle_alignment_batch(rt, prompts), 2)
-    rand = random_scene_images(prompts, args.seed + 10_000, size)
-    rows["random scene (floor)"] = summary(oracle_alignment_batch(rand, prompts), 3)
-    facts: dict[str, dict[str, float]] = {}
-    timing: dict[str, float] = {}
+    rand = random_scene_images(prompts, seed + 10_000, size)
+    return {
+        "faithful render (ceiling)": summary(oracle_alignment_batch(faithful, prompts), 1),
+        "faithful render through the VAE": summary(oracle_alignment_batch(rt, prompts), 2),
+        "random scene (floor)": summary(oracle_alignment_batch(rand, prompts), 3),
+    }
+
+
+def generated_rows(pipe, prompts: list[str], args) -> tuple[dict, dict, dict]:
+    """For each guidance scale: the oracle alignment row, the fact accuracy per kind and the
+    seconds per image; writes one grid PNG per scale."""
+    rows, facts, timing = {}, {}, {}
     for g in args.guidance:
         t0 = time.time()
         images = generate(pipe, prompts, args.seed, args.steps, g, args.eta)
@@ -189,7 +161,36 @@ def main(argv=None) -> int:
         rows[name] = summary(scores, 4)
         facts[f"{g:g}"] = fact_accuracy(images, prompts)
         save_grid(images[: args.grid], prompts[: args.grid], scores, args.out / f"grid_g{g:g}.png")
+    return rows, facts, timing
 
+
+def print_tables(rows: dict, facts: dict, timing: dict, n_prompts: int, size: int) -> None:
+    """The Markdown tables of oracle alignment and of fact accuracy per guidance scale."""
+    print(f"Oracle alignment on {n_prompts} held-out prompts ({size} px), mean [95% CI]:\n")
+    print("| images | oracle alignment | 95% CI |")
+    print("|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['mean']:.3f} | [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] |")
+    kinds = sorted({k for f in facts.values() for k in f})
+    print("\nFraction of facts of each kind that hold in the generated images:\n")
+    print("| CFG | " + " | ".join(kinds) + " | s/image |")
+    print("|---" * (len(kinds) + 2) + "|")
+    for g, f in facts.items():
+        cells = " | ".join(f"{f.get(k, float('nan')):.2f}" for k in kinds)
+        print(f"| {g} | {cells} | {timing[g]:.2f} |")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    pipe = load_pipeline(args.pipeline)
+    prompts = held_out_prompts(args.pipeline)[: args.n_prompts]
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    rows = reference_rows(pipe, prompts, args.seed, size)
+    generated, facts, timing = generated_rows(pipe, prompts, args)
+    rows.update(generated)
     metrics = {
         "pipeline": str(args.pipeline),
         "n_prompts": len(prompts),
@@ -202,19 +203,8 @@ def main(argv=None) -> int:
         "seconds_per_image_by_guidance": timing,
         "threads": args.threads,
     }
-    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(f"Oracle alignment on {len(prompts)} held-out prompts ({size} px), mean [95% CI]:\n")
-    print("| images | oracle alignment | 95% CI |")
-    print("|---|---|---|")
-    for name, r in rows.items():
-        print(f"| {name} | {r['mean']:.3f} | [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] |")
-    kinds = sorted({k for f in facts.values() for k in f})
-    print("\nFraction of facts of each kind that hold in the generated images:\n")
-    print("| CFG | " + " | ".join(kinds) + " | s/image |")
-    print("|---" * (len(kinds) + 2) + "|")
-    for g, f in facts.items():
-        cells = " | ".join(f"{f.get(k, float('nan')):.2f}" for k in kinds)
-        print(f"| {g} | {cells} | {timing[g]:.2f} |")
+    atomic_write_json(args.out / "metrics.json", metrics)
+    print_tables(rows, facts, timing, len(prompts), size)
     print(f"\nwrote {args.out / 'metrics.json'} and grid PNGs")
     return 0
 

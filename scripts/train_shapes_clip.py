@@ -1,412 +1,43 @@
 """Pretrain the tiny shapes CLIP (``shapes-clip``) contrastively on faithful scene-caption pairs.
 
-Usage:
+Usage::
+
     python scripts/train_shapes_clip.py --out runs/shapes_clip/clip.safetensors
         [--steps 600] [--batch-size 128] [--lr 2e-3] [--seed 0] [--threads 1]
+        [--hard-negative-images 1.0] [--init WEIGHTS.safetensors]
+    python scripts/train_shapes_clip.py --check-repro --steps 20   # two runs, bit-identical?
 
-Every step draws ``batch_size`` prompts from the shapes grammar, renders one faithful scene per
-prompt (on the fly, 64 x 64, deterministic from ``--seed``) and takes a symmetric InfoNCE step
-(CLIP's loss; identical captions in a batch count as positives of each other). Prompts of the
-*held-out* bucket (:func:`is_heldout_prompt`, a hash of the text, about 20 % of all prompts)
-are never trained on; zero-shot retrieval on them is reported at the end:
-
-- ``i2t@1``: an image retrieves its own caption among ``--eval-prompts`` held-out captions;
-- ``t2i@1``: a caption retrieves its image among as many images;
-- ``hard@1``: an image picks its caption against one-edit variants of it (a colour, shape,
-  size, count or relation word changed; see :func:`hard_negatives`).
-
-Writes the open_clip weights of ``shapes-clip`` as safetensors (atomically) and, next to them,
-``<out>.json`` with the resolved config and the metrics. Loading:
-``reward.backbone.load_backbone("shapes-clip", "<out>")``.
-
-Reproducibility: same seed, torch version, CPU kind and ``--threads`` give bit-identical
-weights (``--check-repro`` compares two short runs); other thread counts or CPUs change the
-float summation order, hence the weights in the last bits and the metrics slightly.
+Writes the open_clip weights (safetensors, atomically) and ``<out>.json`` (config, held-out
+retrieval metrics). Every option of ``shapes.clip_training.ClipTrainConfig`` is a
+``--option``; the loss, the negatives and the metrics are described in
+``shapes/clip_training.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import hashlib
-import json
-import math
-import os
-import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from reward.backbone import load_backbone
-from shapes.assets import register_clip_config
-from shapes.perturb import KINDS, faithful_scene, perturb
-from shapes.prompts import Entity, PromptSampler, PromptSpec, Relation, sample_prompt
-from shapes.world import COLORS, RELATIONS, SHAPES, SIZES, RenderConfig, render, to_tensor
-
-ARCH = register_clip_config()  # "shapes-clip"
-HELDOUT_BUCKETS = 5
-"""A prompt is held out when ``sha1(text) mod HELDOUT_BUCKETS == 0`` (about 20 %)."""
-
-
-@dataclass
-class ClipTrainConfig:
-    """Pretraining of the tiny shapes CLIP; every run saves this resolved config."""
-
-    seed: int = 0
-    """Master seed: model init, prompt/scene stream and the evaluation set derive from it."""
-    steps: int = 600
-    """Optimiser steps."""
-    batch_size: int = 128
-    """Scene-caption pairs per step (also the number of in-batch negatives + 1)."""
-    lr: float = 2e-3
-    """Peak AdamW learning rate (after linear warm-up, then cosine decay to 10 %)."""
-    hard_negatives: int = 0
-    """One-word-edit negative captions per pair (NegCLIP-style; 0 = plain CLIP loss). Measured
-    at 600 steps: 1 or 3 did not make the towers shape- or relation-aware (held-out hard@1
-    0.475 / 0.485 vs 0.545 without), so the shipped CLIP uses 0."""
-    hard_negative_images: float = 0.0
-    """Image-side hard negatives per pair: that many (in expectation; 1.0 = one each) scenes
-    made from the pair's faithful scene by one perturbation of ``shapes.perturb`` (shape
-    swap, relation flip, extra object, ...), added as negative *images* for the captions. They
-    force the image tower to see what the captions say beyond colour."""
-    init: str = ""
-    """Start from these ``shapes-clip`` weights (a .safetensors file) instead of a random init."""
-    warmup_steps: int = 50
-    """Linear warm-up steps."""
-    weight_decay: float = 0.05
-    """AdamW weight decay on matrices (not on biases, norms, embeddings, logit scale)."""
-    image_size: int = 64
-    """Render size in pixels (the config ``shapes-clip`` takes 64 x 64 input)."""
-    eval_prompts: int = 200
-    """Held-out prompts in the retrieval evaluation."""
-    eval_every: int = 200
-    """Evaluate every this many steps (0: only at the end)."""
-    log_every: int = 25
-    """Print the training loss every this many steps."""
-    threads: int = 1
-    """torch CPU threads (at most 2: the machine is shared; on an oversubscribed CPU one thread
-    is faster than two). Bit-identical results need the same value."""
-
-
-def is_heldout_prompt(text: str) -> bool:
-    """Whether ``text`` is in the held-out bucket (never used for CLIP pretraining)."""
-    digest = hashlib.sha1(text.encode("utf-8")).digest()
-    return int.from_bytes(digest[:4], "big") % HELDOUT_BUCKETS == 0
-
-
-def sample_specs(
-    rng: np.random.Generator, n: int, heldout: bool, sampler: PromptSampler | None = None
-) -> list[PromptSpec]:
-    """``n`` prompts from the grammar, all inside (``heldout=True``) or outside the bucket."""
-    out = []
-    while len(out) < n:
-        spec = sample_prompt(rng, sampler)
-        if is_heldout_prompt(spec.text) == heldout:
-            out.append(spec)
-    return out
-
-
-def render_batch(
-    specs: list[PromptSpec], rng: np.random.Generator, image_size: int
-) -> torch.Tensor:
-    """One faithful scene per prompt -> float tensor ``(B, 3, S, S)`` in [0, 1]."""
-    cfg = RenderConfig(image_size=image_size)
-    return to_tensor(np.stack([render(faithful_scene(s, rng), cfg) for s in specs]))
-
-
-def scenes_and_negatives(
-    specs: list[PromptSpec], rng: np.random.Generator, image_size: int, rate: float
-) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """One faithful scene per prompt ``(B, 3, S, S)``, image-side hard negatives
-    ``(M, 3, S, S)``: for each prompt, ``n`` = ``rate`` rounded at random (``floor(rate)``
-    plus one with probability ``frac(rate)``) versions of its faithful scene, each changed by
-    one perturbation kind. The first ``2 n`` kinds of a random order are tried and those that
-    do not apply are skipped, so a prompt may get fewer than ``n`` (M ~ 0.9 B at rate 1);
-    and, for each negative, the index of the prompt it was made from."""
-    cfg = RenderConfig(image_size=image_size)
-    pos, neg, owner = [], [], []
-    for j, spec in enumerate(specs):
-        scene = faithful_scene(spec, rng)
-        pos.append(render(scene, cfg))
-        n = int(rate) + int(rng.random() < rate - int(rate))
-        for kind in rng.permutation(KINDS)[: 2 * n]:
-            if n == 0:
-                break
-            p = perturb(spec, scene, str(kind), rng)
-            if p is not None:
-                neg.append(render(p.scene, cfg))
-                owner.append(j)
-                n -= 1
-    empty = torch.zeros(0, 3, image_size, image_size)
-    return to_tensor(np.stack(pos)), (to_tensor(np.stack(neg)) if neg else empty), owner
-
-
-def hard_negatives(spec: PromptSpec, rng: np.random.Generator, n: int = 4) -> list[str]:
-    """Up to ``n`` captions that differ from ``spec`` by one word (colour, shape, size, count
-    or relation), each a valid prompt of the grammar and different from ``spec.text``."""
-    cands: list[str] = []
-    ents = list(spec.entities)
-    used = {(e.color, e.shape) for e in ents}
-    for i, e in enumerate(ents):
-        for c in COLORS:
-            if c != e.color and (c, e.shape) not in used:
-                cands.append(_with(spec, i, dataclasses.replace(e, color=c)))
-        for s in SHAPES:
-            if s != e.shape and (e.color, s) not in used:
-                cands.append(_with(spec, i, dataclasses.replace(e, shape=s)))
-        if e.size is not None:
-            flip = SIZES[1 - SIZES.index(e.size)]
-            cands.append(_with(spec, i, dataclasses.replace(e, size=flip)))
-        if spec.relation is None and e.count > 1:
-            for k in (2, 3):
-                if k != e.count and spec.n_objects - e.count + k <= 3:
-                    cands.append(_with(spec, i, dataclasses.replace(e, count=k)))
-    if spec.relation is not None:
-        for r in RELATIONS:
-            if r != spec.relation.relation:
-                cands.append(PromptSpec(spec.entities, Relation(0, r, 1)).text)
-    cands = sorted(set(cands) - {spec.text})
-    pick = rng.permutation(len(cands))[:n]
-    return [cands[int(k)] for k in pick]
-
-
-def _with(spec: PromptSpec, i: int, entity: Entity) -> str:
-    ents = list(spec.entities)
-    ents[i] = entity
-    return PromptSpec(tuple(ents), spec.relation).text
-
-
-class Encoder:
-    """Normalised CLIP features of images in [0, 1] and of captions."""
-
-    def __init__(self, backbone) -> None:
-        self.b = backbone
-        self.mean = torch.tensor(backbone.mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(backbone.std).view(1, 3, 1, 1)
-
-    def images(self, x: torch.Tensor) -> torch.Tensor:
-        return self.b.model.encode_image((x - self.mean) / self.std, normalize=True)
-
-    def texts(self, texts: list[str]) -> torch.Tensor:
-        return self.b.model.encode_text(self.b.tokenizer(texts), normalize=True)
-
-
-@torch.no_grad()
-def evaluate(enc: Encoder, cfg: ClipTrainConfig) -> dict[str, float]:
-    """Zero-shot retrieval on held-out prompts (see the module docstring)."""
-    enc.b.model.eval()
-    rng = np.random.default_rng([cfg.seed, 99])
-    specs = []
-    seen = set()
-    while len(specs) < cfg.eval_prompts:
-        (spec,) = sample_specs(rng, 1, heldout=True)
-        if spec.text not in seen:
-            seen.add(spec.text)
-            specs.append(spec)
-    images = render_batch(specs, rng, cfg.image_size)
-    f_i = torch.cat([enc.images(images[k : k + 100]) for k in range(0, len(specs), 100)])
-    texts = [s.text for s in specs]
-    f_t = torch.cat([enc.texts(texts[k : k + 100]) for k in range(0, len(texts), 100)])
-    sim = f_i @ f_t.T  # (N images, N captions)
-    target = torch.arange(len(specs))
-    i2t = float((sim.argmax(1) == target).float().mean())
-    t2i = float((sim.argmax(0) == target).float().mean())
-    hard_ok = []
-    for k, spec in enumerate(specs):
-        negs = hard_negatives(spec, rng)
-        if not negs:
-            continue
-        f_c = enc.texts([spec.text, *negs])  # (1 + n, D)
-        hard_ok.append(int((f_c @ f_i[k]).argmax()) == 0)
-    # Image side: does the caption prefer its faithful scene to each one-perturbation variant?
-    prng = np.random.default_rng([cfg.seed, 98])
-    wins: dict[str, list[bool]] = {k: [] for k in KINDS}
-    for spec in specs[:100]:
-        scene = faithful_scene(spec, prng)
-        variants = [(k, perturb(spec, scene, k, prng)) for k in KINDS]
-        variants = [(k, v) for k, v in variants if v is not None]
-        imgs = [render(scene, RenderConfig(image_size=cfg.image_size))] + [
-            render(v.scene, RenderConfig(image_size=cfg.image_size)) for _, v in variants
-        ]
-        sims = enc.images(to_tensor(np.stack(imgs))) @ enc.texts([spec.text])[0]
-        for j, (k, _) in enumerate(variants):
-            wins[k].append(bool(sims[0] > sims[j + 1]))
-    enc.b.model.train()
-    return {
-        "img_pair": float(np.mean([w for v in wins.values() for w in v])),
-        **{f"img_pair_{k}": float(np.mean(v)) for k, v in wins.items() if v},
-        "i2t@1": i2t,
-        "t2i@1": t2i,
-        "hard@1": float(np.mean(hard_ok)),
-        "hard_chance": float(np.mean([1 / (1 + len(hard_negatives(s, rng))) for s in specs])),
-        "chance": 1.0 / len(specs),
-    }
-
-
-def _lr_at(step: int, cfg: ClipTrainConfig) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
-
-
-def train(cfg: ClipTrainConfig, out: Path | None) -> dict:
-    """Train, evaluate, save (when ``out`` is given); returns the metrics and the weights."""
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    backbone = load_backbone(ARCH, cfg.init or None)
-    model = backbone.model.train()
-    enc = Encoder(backbone)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(
-        f"{ARCH}: {n_params / 1e6:.2f} M parameters, input {backbone.image_size}, context "
-        f"{backbone.context_length}, embed {backbone.embed_dim}; {cfg.steps} steps x "
-        f"{cfg.batch_size} pairs = {cfg.steps * cfg.batch_size} scenes",
-        flush=True,
-    )
-    no_decay = ("bias", "ln_", "norm", "embedding", "logit_scale", "class_embedding")
-    decay = [
-        p for n, p in model.named_parameters() if p.ndim >= 2 and not any(k in n for k in no_decay)
-    ]
-    other = [
-        p
-        for n, p in model.named_parameters()
-        if not (p.ndim >= 2 and not any(k in n for k in no_decay))
-    ]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0}],
-        lr=cfg.lr,
-        betas=(0.9, 0.98),
-        eps=1e-6,
-    )
-    rng = np.random.default_rng([cfg.seed, 1])
-    history = []
-    t0 = time.time()
-    for step in range(cfg.steps):
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg)
-        specs = sample_specs(rng, cfg.batch_size, heldout=False)
-        texts = [s.text for s in specs]
-        if cfg.hard_negative_images > 0:
-            images, neg_images, _ = scenes_and_negatives(
-                specs, rng, cfg.image_size, cfg.hard_negative_images
-            )
-        else:
-            images = render_batch(specs, rng, cfg.image_size)
-            neg_images = None
-        # NegCLIP-style hard negatives: one-word edits of each caption (never held-out texts).
-        negs = [
-            t
-            for s in specs
-            for t in (hard_negatives(s, rng, cfg.hard_negatives) if cfg.hard_negatives else [])
-            if not is_heldout_prompt(t)
-        ]
-        f_i = enc.images(images if neg_images is None else torch.cat([images, neg_images]))
-        f_neg = f_i[len(specs) :]  # (M, D) image-side hard negatives (M = 0 without them)
-        f_i = f_i[: len(specs)]  # (B, D)
-        f_t = enc.texts(texts + negs)  # (B + N, D): batch captions, then hard negatives
-        logits = model.logit_scale.exp().clamp(max=100.0) * f_i @ f_t.T  # (B, B + N)
-        # Identical captions are all positives (a hard negative may be another item's caption):
-        # soft targets over them.
-        same = torch.tensor([[a == b for b in texts + negs] for a in texts], dtype=torch.float32)
-        target = same / same.sum(1, keepdim=True)  # (B, B + N), rows sum to 1
-        b = len(texts)
-        t2i_target = same[:, :b].T / same[:, :b].T.sum(1, keepdim=True)  # (B, B)
-        # Text -> image over the batch images, then the perturbed (never matching) ones.
-        t2i_logits = torch.cat(
-            [logits[:, :b].T, model.logit_scale.exp().clamp(max=100.0) * f_t[:b] @ f_neg.T], 1
-        )
-        t2i_target = F.pad(t2i_target, (0, f_neg.shape[0]))  # (B, B + M)
-        loss = 0.5 * (
-            F.cross_entropy(logits, target) + F.cross_entropy(t2i_logits.contiguous(), t2i_target)
-        )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if (step + 1) % cfg.log_every == 0 or step == 0:
-            el = time.time() - t0
-            print(
-                f"step {step + 1}/{cfg.steps} loss {loss.item():.4f} "
-                f"scale {model.logit_scale.exp().item():.1f} lr {_lr_at(step, cfg):.2e} "
-                f"{el / 60:.1f} min (eta {el / (step + 1) * (cfg.steps - step - 1) / 60:.1f} min)",
-                flush=True,
-            )
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-            m = evaluate(enc, cfg)
-            history.append({"step": step + 1, **m})
-            print(f"eval step {step + 1}: " + _fmt(m), flush=True)
-    metrics = evaluate(enc, cfg)
-    history.append({"step": cfg.steps, **metrics})
-    print("final held-out retrieval: " + _fmt(metrics), flush=True)
-    minutes = (time.time() - t0) / 60
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    if out is not None:
-        _save(out, state, cfg, metrics, history, minutes)
-    return {"metrics": metrics, "history": history, "state": state, "minutes": minutes}
-
-
-def _fmt(m: dict[str, float]) -> str:
-    return (
-        f"i2t@1 {m['i2t@1']:.3f} t2i@1 {m['t2i@1']:.3f} (chance {m['chance']:.3f}), "
-        f"hard@1 {m['hard@1']:.3f} (chance {m['hard_chance']:.3f}), image pairs "
-        f"{m['img_pair']:.3f} ("
-        + ", ".join(f"{k} {m[f'img_pair_{k}']:.2f}" for k in KINDS if f"img_pair_{k}" in m)
-        + ")"
-    )
-
-
-def _save(out: Path, state, cfg, metrics, history, minutes) -> None:
-    from safetensors.torch import save_file
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    # One metadata key: safetensors writes a map of several in no fixed order (bytes would vary).
-    save_file(state, tmp, metadata={"arch": ARCH})
-    os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; weights are shared data
-    os.replace(tmp, out)
-    info = {
-        "arch": ARCH,
-        "config": dataclasses.asdict(cfg),
-        "metrics": metrics,
-        "history": history,
-        "minutes": round(minutes, 2),
-        "torch": torch.__version__,
-        "sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
-    }
-    side = out.with_suffix(".json")
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".json.tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, side)
-    print(
-        f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, sha256 {info['sha256'][:16]}) and {side}"
-    )
+from shapes.clip_training import ClipTrainConfig, train
+from shapes.config_args import add_config_arguments, config_from_args
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and run :func:`shapes.clip_training.train` (or the reproducibility check)."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", type=Path, help="output .safetensors file")
-    for f in dataclasses.fields(ClipTrainConfig):
-        parser.add_argument(
-            f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default
-        )
+    add_config_arguments(parser, ClipTrainConfig)
     parser.add_argument(
         "--check-repro",
         action="store_true",
         help="train twice for --steps steps without saving and compare the weights bit for bit",
     )
     args = parser.parse_args(argv)
-    cfg = ClipTrainConfig(
-        **{f.name: getattr(args, f.name) for f in dataclasses.fields(ClipTrainConfig)}
-    )
+    cfg = config_from_args(ClipTrainConfig, args)
     if args.check_repro:
         a, b = train(cfg, None), train(cfg, None)
         same = all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"])

@@ -19,6 +19,11 @@ Readers that only know ``image,prompt,score`` can ignore the rest.
 Per prompt: ``faithful_per_prompt`` faithful scenes, every applicable single perturbation of
 the first one, and ``n_double`` double perturbations. Everything derives from ``seed``: the
 same arguments give byte-identical files.
+
+The dataset is built in a temporary folder and moved to ``--out`` when complete. ``meta.json``
+is its manifest (``"format": "shapes-dataset/1"``, the config, row counts): ``--overwrite``
+replaces only a folder that holds such a manifest and nothing but the files listed above
+(or an empty folder); any other folder is refused with exit status 2 and left as it is.
 """
 
 from __future__ import annotations
@@ -26,16 +31,21 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import io
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from hyperalign.common import (
+    atomic_write_json,
+    atomic_write_text,
+    make_tmp_dir,
+    replace_dir,
+    save_png,
+)
 from shapes.perturb import RaterModel, faithful_scene, perturbed_scenes
 from shapes.prompts import PromptSampler, PromptSpec, alignment, sample_prompt
 from shapes.world import PALETTE, RenderConfig, Scene, WorldConfig, render
@@ -51,6 +61,11 @@ COLUMNS: tuple[str, ...] = (
     "scene",
 )
 """CSV header, in order."""
+MANIFEST = "meta.json"
+"""The manifest :func:`build_dataset` writes last: config, palette, columns, row counts."""
+FORMAT = "shapes-dataset/1"
+"""``meta.json["format"]``: marks a folder written by :func:`build_dataset` (only such a
+folder may be replaced with ``--overwrite``)."""
 
 
 @dataclass(frozen=True)
@@ -128,16 +143,24 @@ def split_prompts(n: int, fractions: tuple[float, float, float], seed: int) -> l
     return out
 
 
-def build_dataset(out_dir: str | Path, config: ShapesDatasetConfig | None = None) -> dict:
-    """Write the dataset to ``out_dir`` (created; must not hold a previous dataset's CSVs).
+def _variants(
+    spec: PromptSpec, i: int, cfg: ShapesDatasetConfig
+) -> tuple[list, np.random.Generator]:
+    """The (kind, scene) pairs of prompt ``i``: faithful scenes, then every applicable single
+    perturbation of the first and ``n_double`` double ones; and the prompt's generator (its
+    ratings are drawn from it next)."""
+    rng = np.random.default_rng([cfg.seed, 3, i])
+    faithful = [faithful_scene(spec, rng, cfg.world) for _ in range(cfg.faithful_per_prompt)]
+    variants = [("faithful", sc) for sc in faithful]
+    variants += [
+        (p.kind, p.scene) for p in perturbed_scenes(spec, faithful[0], rng, cfg.world, cfg.n_double)
+    ]
+    return variants, rng
 
-    Returns a summary dict: ``{"csv": {split: path}, "rows": {split: n}, "prompts": {split: n}}``.
-    """
-    cfg = config or ShapesDatasetConfig()
-    out = Path(out_dir)
-    if any((out / f"{s}.csv").exists() for s in SPLITS):
-        raise FileExistsError(f"{out} already holds a dataset; choose a new --out or delete it")
-    out.mkdir(parents=True, exist_ok=True)
+
+def _write_images(out: Path, cfg: ShapesDatasetConfig) -> tuple[dict[str, list[dict]], list[str]]:
+    """Render every prompt's scenes into ``out/images/<split>/``; returns the CSV rows per split
+    and the split of each prompt."""
     render_cfg = RenderConfig(image_size=cfg.image_size, supersample=cfg.supersample)
     specs = sample_prompts(cfg.n_prompts, cfg.seed, cfg.prompts)
     split_of = split_prompts(len(specs), cfg.split_fractions, cfg.seed)
@@ -145,20 +168,13 @@ def build_dataset(out_dir: str | Path, config: ShapesDatasetConfig | None = None
     rows: dict[str, list[dict]] = {s: [] for s in SPLITS}
     for s in SPLITS:
         (out / "images" / s).mkdir(parents=True, exist_ok=True)
-
     for i, spec in enumerate(specs):
-        rng = np.random.default_rng([cfg.seed, 3, i])
-        faithful = [faithful_scene(spec, rng, cfg.world) for _ in range(cfg.faithful_per_prompt)]
-        variants = [("faithful", sc) for sc in faithful]
-        variants += [
-            (p.kind, p.scene)
-            for p in perturbed_scenes(spec, faithful[0], rng, cfg.world, cfg.n_double)
-        ]
+        variants, rng = _variants(spec, i, cfg)
         split = split_of[i]
         n_facts = len(spec.facts())
         for j, (kind, scene) in enumerate(variants):
             rel = f"images/{split}/{i:05d}_{j:02d}.png"
-            Image.fromarray(render(scene, render_cfg)).save(out / rel)
+            save_png(render(scene, render_cfg), out / rel)
             true = alignment(spec, scene.objects)
             rows[split].append(
                 {
@@ -171,40 +187,119 @@ def build_dataset(out_dir: str | Path, config: ShapesDatasetConfig | None = None
                     "scene": scene.to_json(),
                 }
             )
+    return rows, split_of
 
-    csv_paths = {}
+
+def _csv_text(rows: list[dict]) -> str:
+    """The CSV text of ``rows``: header :data:`COLUMNS`, CRLF line ends (the csv module's)."""
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=list(COLUMNS))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _write_tables(out: Path, cfg: ShapesDatasetConfig, rows, split_of) -> dict:
+    """Write the split CSVs and ``meta.json`` (the manifest) into ``out``; returns the summary."""
     for s in SPLITS:
-        csv_paths[s] = out / f"{s}.csv"
-        _write_csv_atomic(csv_paths[s], rows[s])
+        atomic_write_text(out / f"{s}.csv", _csv_text(rows[s]))
     summary = {
-        "csv": {s: str(p) for s, p in csv_paths.items()},
         "rows": {s: len(rows[s]) for s in SPLITS},
         "prompts": {s: split_of.count(s) for s in SPLITS},
     }
     meta = {
+        "format": FORMAT,
         "config": dataclasses.asdict(cfg),
         "palette": PALETTE,
         "columns": list(COLUMNS),
-        **{k: v for k, v in summary.items() if k != "csv"},
+        **summary,
     }
-    _write_text_atomic(out / "meta.json", json.dumps(meta, indent=2) + "\n")
+    atomic_write_json(out / MANIFEST, meta)
     return summary
 
 
-def _write_csv_atomic(path: Path, rows: list[dict]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".csv.tmp")
-    with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(COLUMNS))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+def _unexpected_entries(folder: Path) -> list[str]:
+    """Entries of ``folder`` that :func:`build_dataset` does not write (relative paths)."""
+    known = {f"{s}.csv" for s in SPLITS} | {MANIFEST, "images"}
+    odd = [p.name for p in folder.iterdir() if p.name not in known]
+    images = folder / "images"
+    if images.is_symlink() or (images.exists() and not images.is_dir()):
+        return odd + ["images"]
+    if images.is_dir():
+        for sub in images.iterdir():
+            if sub.name not in SPLITS or sub.is_symlink() or not sub.is_dir():
+                odd.append(f"images/{sub.name}")
+                continue
+            odd += [
+                f"images/{sub.name}/{f.name}"
+                for f in sub.iterdir()
+                if f.suffix != ".png" or f.is_symlink() or not f.is_file()
+            ]
+    return sorted(odd)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def is_shapes_dataset(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a manifest (``meta.json``) written by :func:`build_dataset`."""
+    try:
+        meta = json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
+
+
+def check_replaceable(out: Path) -> None:
+    """Raise unless ``out`` may be deleted to make room for a new dataset: it must be an empty
+    folder, or a folder that :func:`build_dataset` wrote and that holds nothing else."""
+    if not out.is_dir() or out.is_symlink():
+        raise ValueError(f"--overwrite refuses to replace {out}: it is not a folder")
+    if not any(out.iterdir()):
+        return
+    if not is_shapes_dataset(out):
+        raise ValueError(
+            f"--overwrite refuses to delete {out}: it was not written by shapes-data (no "
+            f"{MANIFEST} with format {FORMAT!r}). Choose a new --out, or delete the folder "
+            "yourself if you are sure"
+        )
+    odd = _unexpected_entries(out)
+    if odd:
+        shown = ", ".join(odd[:5]) + (f" and {len(odd) - 5} more" if len(odd) > 5 else "")
+        raise ValueError(
+            f"--overwrite refuses to delete {out}: besides a shapes dataset it holds {shown}. "
+            "Move those files out, or choose a new --out"
+        )
+
+
+def build_dataset(
+    out_dir: str | Path, config: ShapesDatasetConfig | None = None, overwrite: bool = False
+) -> dict:
+    """Write the dataset to ``out_dir``, which must not exist or be an empty folder; with
+    ``overwrite``, it may also be a dataset this function wrote (see :func:`check_replaceable`).
+
+    The dataset is built in a temporary sibling folder and swapped in when complete
+    (:func:`hyperalign.common.replace_dir`), so ``out_dir`` never holds half a dataset.
+    Returns a summary dict: ``{"csv": {split: path}, "rows": {split: n}, "prompts": {split:
+    n}}``.
+    """
+    cfg = config or ShapesDatasetConfig()
+    out = Path(out_dir).absolute()
+    if out.exists() or out.is_symlink():
+        if overwrite:
+            check_replaceable(out)
+        elif not out.is_dir() or any(out.iterdir()):
+            raise FileExistsError(
+                f"{out} already exists and is not empty; choose a new --out (or --overwrite "
+                "to replace a dataset that shapes-data wrote)"
+            )
+    tmp = make_tmp_dir(out)
+    try:
+        tmp.chmod(0o755)  # a temporary folder is private; the dataset is a normal folder
+        rows, split_of = _write_images(tmp, cfg)
+        summary = _write_tables(tmp, cfg, rows, split_of)
+        replace_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return {"csv": {s: str(out / f"{s}.csv") for s in SPLITS}, **summary}
 
 
 def load_split(csv_path: str | Path) -> list[ShapesRow]:
@@ -253,7 +348,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--n-double", type=int, default=d.n_double, help="double-perturbation scenes per prompt"
     )
-    parser.add_argument("--overwrite", action="store_true", help="delete --out first")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out if it holds a dataset that shapes-data wrote (and nothing else)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -266,19 +365,21 @@ def run(args: argparse.Namespace) -> int:
         faithful_per_prompt=args.faithful_per_prompt,
         n_double=args.n_double,
     )
-    if args.overwrite and Path(args.out).exists():
-        shutil.rmtree(args.out)
-    summary = build_dataset(args.out, cfg)
+    summary = build_dataset(args.out, cfg, overwrite=args.overwrite)
     print(f"wrote {args.out}: rows {summary['rows']}, prompts {summary['prompts']}")
     return 0
 
 
 __all__ = [
     "COLUMNS",
+    "FORMAT",
+    "MANIFEST",
     "SPLITS",
     "ShapesDatasetConfig",
     "ShapesRow",
     "build_dataset",
+    "check_replaceable",
+    "is_shapes_dataset",
     "load_split",
     "sample_prompts",
     "split_prompts",

@@ -199,15 +199,15 @@ def _radial_profile(alpha: np.ndarray, cx: float, cy: float, r_max: float, n_ray
     return t[first - 1] + frac * step, theta
 
 
-def read_objects(image, config: OracleConfig | None = None) -> list[DetectedObject]:
-    """Detect the shapes in ``image``: a uint8 (H, W, 3) array, a float (H, W, 3) array or a
-    (3, H, W) torch tensor in [0, 1], or a PIL image. Largest first, at most
-    ``config.max_objects``."""
-    cfg = config or OracleConfig()
-    img = _as_hwc(image)  # (H, W, 3)
-    h, w, _ = img.shape
+def _denoise(img: np.ndarray, cfg: OracleConfig) -> np.ndarray:
+    """Step 1: a ``cfg.denoise`` px box filter over each channel of ``img`` (H, W, 3)."""
     if cfg.denoise > 1:
-        img = ndimage.uniform_filter(img, size=(cfg.denoise, cfg.denoise, 1), mode="nearest")
+        return ndimage.uniform_filter(img, size=(cfg.denoise, cfg.denoise, 1), mode="nearest")
+    return img
+
+
+def _background(img: np.ndarray) -> np.ndarray:
+    """Step 2: per-channel median (3,) of the 2 px image border."""
     border = np.concatenate(
         [
             img[:2].reshape(-1, 3),
@@ -216,7 +216,12 @@ def read_objects(image, config: OracleConfig | None = None) -> list[DetectedObje
             img[:, -2:].reshape(-1, 3),
         ]
     )  # (N, 3)
-    bg = np.median(border, axis=0)  # (3,)
+    return np.median(border, axis=0)  # (3,)
+
+
+def _unmix(img: np.ndarray, bg: np.ndarray, cfg: OracleConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Step 3: colour label per pixel (H, W) (palette index, -1 = background / unexplained)
+    and the coverage ``alpha`` of every palette colour (H, W, K)."""
     d = _PALETTE_RGB - bg  # (K, 3) background -> colour directions
     d2 = (d * d).sum(axis=1)  # (K,)
     usable = d2 > 0.05  # a palette colour too close to the background cannot be segmented
@@ -232,67 +237,96 @@ def read_objects(image, config: OracleConfig | None = None) -> list[DetectedObje
     a_best = np.take_along_axis(a, label[..., None], axis=2)[..., 0]  # (H, W)
     along2 = a_best**2 * d2[label]  # squared distance from the background along the line
     ok = (best <= cfg.max_residual**2) & (best <= cfg.max_relative_residual**2 * along2)
-    label = np.where(ok, label, -1)
+    return np.where(ok, label, -1), a
 
-    min_px = cfg.min_area * h * w
+
+def _shape_from_profile(soft: np.ndarray, cx: float, cy: float, area: float, cfg: OracleConfig):
+    """Step 5: (shape, (h3, h4)) from the radial profile of the soft map ``soft`` around its
+    centroid (``cx``, ``cy``) (crop pixel-centre coordinates)."""
+    r_eq = np.sqrt(area / np.pi)
+    prof, theta = _radial_profile(soft, cx, cy, 3.0 * r_eq + 2.0, cfg.n_rays)
+    mean = prof.mean()
+    h3 = float(np.abs((prof * np.exp(-3j * theta)).mean()) / mean)
+    h4 = float(np.abs((prof * np.exp(-4j * theta)).mean()) / mean)
+    if max(h3, h4) < cfg.circle_max_harmonic:
+        return "circle", (h3, h4)
+    return ("triangle" if h3 > h4 else "square"), (h3, h4)
+
+
+def _read_component(comps, c, raw, label, alpha_k, k, cfg: OracleConfig) -> DetectedObject | None:
+    """Steps 4-6 for component ``c`` of colour ``k``: the artefact filters, then shape, size
+    and position; ``None`` if the component is not an object.
+
+    ``comps``: (H, W) component ids of colour ``k``'s hole-filled mask; ``raw``: (H, W) that
+    mask before hole filling; ``label``: (H, W) colour labels; ``alpha_k``: (H, W) coverage
+    of colour ``k`` in [0, 1].
+    """
+    h, w = label.shape
+    # Work in the component's bounding box padded by 2 px (the rim and the profile rays that
+    # leave the shape stay inside it; _bilinear is zero beyond).
+    sl = ndimage.find_objects((comps == c).astype(np.int32))[0]
+    y0, y1 = max(sl[0].start - 2, 0), min(sl[0].stop + 2, h)
+    x0, x1 = max(sl[1].start - 2, 0), min(sl[1].stop + 2, w)
+    comp = comps[y0:y1, x0:x1] == c  # (h', w')
+    ys, xs = np.nonzero(comp)
+    solidity = _solidity(ys, xs)
+    if solidity < cfg.min_solidity:
+        return None
+    if raw[y0:y1, x0:x1][comp].mean() < cfg.min_own_fraction:
+        return None  # mostly filled-in hole: an outline of this colour, not a shape
+    # Soft map: the component plus its 1-px rim (anti-aliased edge pixels below 0.5),
+    # excluding pixels that belong to anything else.
+    free = label[y0:y1, x0:x1] < 0
+    rim = ndimage.binary_dilation(comp, structure=np.ones((3, 3), bool)) & free
+    soft = np.where(comp | rim, alpha_k[y0:y1, x0:x1], 0.0)  # (h', w')
+    area = soft.sum()
+    gy, gx = np.mgrid[0 : y1 - y0, 0 : x1 - x0]
+    cx, cy = (soft * gx).sum() / area, (soft * gy).sum() / area  # crop pixel-centre coords
+    if _bilinear(soft, np.array([cx]), np.array([cy]))[0] < 0.5:
+        return None  # centroid outside the blob: not a convex shape
+    shape, harmonics = _shape_from_profile(soft, cx, cy, area, cfg)
+    return DetectedObject(
+        shape=shape,
+        color=_PALETTE_NAMES[int(k)],
+        size="large" if np.sqrt(area / np.pi) / w >= cfg.size_threshold else "small",
+        cx=float((cx + x0 + 0.5) / w),
+        cy=float((cy + y0 + 0.5) / h),
+        area=float(area / (h * w)),
+        harmonics=harmonics,
+        solidity=solidity,
+    )
+
+
+def _objects_of_colour(label, a, k, cfg: OracleConfig) -> list[DetectedObject]:
+    """Step 4: the objects among the 4-connected components of colour ``k``'s mask."""
+    h, w = label.shape
+    raw = label == k
+    comps, n = ndimage.label(ndimage.binary_fill_holes(raw), structure=_FOUR_CONNECTED)
+    if n == 0:
+        return []
+    sizes = np.bincount(comps.ravel())
+    alpha_k = np.clip(a[..., k], 0.0, 1.0)  # (H, W)
+    found = []
+    for c in range(1, n + 1):
+        if sizes[c] < cfg.min_area * h * w:
+            continue
+        obj = _read_component(comps, c, raw, label, alpha_k, k, cfg)
+        if obj is not None:
+            found.append(obj)
+    return found
+
+
+def read_objects(image, config: OracleConfig | None = None) -> list[DetectedObject]:
+    """Detect the shapes in ``image``: a uint8 (H, W, 3) array, a float (H, W, 3) array or a
+    (3, H, W) torch tensor in [0, 1], or a PIL image. Largest first, at most
+    ``config.max_objects``. The steps are those of the module docstring."""
+    cfg = config or OracleConfig()
+    img = _denoise(_as_hwc(image), cfg)  # (H, W, 3)
+    label, a = _unmix(img, _background(img), cfg)  # (H, W), (H, W, K)
     found: list[DetectedObject] = []
     for k in np.unique(label):
-        if k < 0:
-            continue
-        raw = label == k
-        mask = ndimage.binary_fill_holes(raw)
-        comps, n = ndimage.label(mask, structure=_FOUR_CONNECTED)
-        if n == 0:
-            continue
-        sizes = np.bincount(comps.ravel())
-        alpha_k = np.clip(a[..., k], 0.0, 1.0)  # (H, W)
-        for c in range(1, n + 1):
-            if sizes[c] < min_px:
-                continue
-            # Work in the component's bounding box padded by 2 px (the rim and the profile
-            # rays that leave the shape stay inside it; _bilinear is zero beyond).
-            sl = ndimage.find_objects((comps == c).astype(np.int32))[0]
-            y0, y1 = max(sl[0].start - 2, 0), min(sl[0].stop + 2, h)
-            x0, x1 = max(sl[1].start - 2, 0), min(sl[1].stop + 2, w)
-            comp = comps[y0:y1, x0:x1] == c  # (h', w')
-            ys, xs = np.nonzero(comp)
-            solidity = _solidity(ys, xs)
-            if solidity < cfg.min_solidity:
-                continue
-            if raw[y0:y1, x0:x1][comp].mean() < cfg.min_own_fraction:
-                continue  # mostly filled-in hole: an outline of this colour, not a shape
-            # Soft map: the component plus its 1-px rim (anti-aliased edge pixels below 0.5),
-            # excluding pixels that belong to anything else.
-            free = label[y0:y1, x0:x1] < 0
-            rim = ndimage.binary_dilation(comp, structure=np.ones((3, 3), bool)) & free
-            alpha_c = alpha_k[y0:y1, x0:x1]
-            soft = np.where(comp | rim, alpha_c, 0.0)  # (h', w')
-            area = soft.sum()
-            gy, gx = np.mgrid[0 : y1 - y0, 0 : x1 - x0]
-            cx, cy = (soft * gx).sum() / area, (soft * gy).sum() / area  # crop pixel-centre coords
-            if _bilinear(soft, np.array([cx]), np.array([cy]))[0] < 0.5:
-                continue  # centroid outside the blob: not a convex shape
-            r_eq = np.sqrt(area / np.pi)
-            prof, theta = _radial_profile(soft, cx, cy, 3.0 * r_eq + 2.0, cfg.n_rays)
-            mean = prof.mean()
-            h3 = float(np.abs((prof * np.exp(-3j * theta)).mean()) / mean)
-            h4 = float(np.abs((prof * np.exp(-4j * theta)).mean()) / mean)
-            if max(h3, h4) < cfg.circle_max_harmonic:
-                shape = "circle"
-            else:
-                shape = "triangle" if h3 > h4 else "square"
-            found.append(
-                DetectedObject(
-                    shape=shape,
-                    color=_PALETTE_NAMES[int(k)],
-                    size="large" if r_eq / w >= cfg.size_threshold else "small",
-                    cx=float((cx + x0 + 0.5) / w),
-                    cy=float((cy + y0 + 0.5) / h),
-                    area=float(area / (h * w)),
-                    harmonics=(h3, h4),
-                    solidity=solidity,
-                )
-            )
+        if k >= 0:
+            found += _objects_of_colour(label, a, k, cfg)
     found.sort(key=lambda o: -o.area)
     return found[: cfg.max_objects]
 

@@ -37,6 +37,7 @@ without replacement; rating = clip(round(1 + 4 * alignment + b_r + e), 1, 5) wit
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,22 +49,11 @@ from shapes.world import (
     SHAPES,
     SIZES,
     Scene,
+    SceneObject,
     WorldConfig,
     fits,
     place_objects,
 )
-
-KINDS: tuple[str, ...] = (
-    "color_swap",
-    "shape_swap",
-    "size_change",
-    "relation_flip",
-    "binding_swap",
-    "missing_object",
-    "extra_object",
-    "wrong_count",
-)
-"""Single perturbation kinds, in a fixed order."""
 
 
 @dataclass(frozen=True)
@@ -98,7 +88,188 @@ def faithful_scene(
 
 
 def _entity_of(spec: PromptSpec, k: int):
+    """The entity that slot ``k`` belongs to."""
     return spec.entities[spec.slots()[k]]
+
+
+def _count_extra(spec: PromptSpec, k: int) -> int:
+    """1 if slot ``k``'s entity states a count (its count fact breaks too), else 0."""
+    return int(_entity_of(spec, k).count > 1)
+
+
+def _slot_fact_count(spec: PromptSpec, k: int) -> int:
+    """Facts of slot ``k`` alone: shape, colour and, if stated, size."""
+    return 2 + int(_entity_of(spec, k).size is not None)
+
+
+# Each perturbation takes (spec, objects in slot order (a list it may change), rng, config)
+# and returns (new objects, facts broken by construction), or None where it does not apply.
+Change = tuple[Sequence[SceneObject], int] | None
+
+
+def _color_swap(spec: PromptSpec, objs: list, rng: np.random.Generator, cfg: WorldConfig) -> Change:
+    """One object gets a colour no entity of the prompt uses."""
+    used_colors = {e.color for e in spec.entities}
+    k = int(rng.integers(len(objs)))
+    choices = [c for c in COLORS if c not in used_colors]
+    objs[k] = dataclasses.replace(objs[k], color=str(rng.choice(choices)))
+    return objs, 1 + _count_extra(spec, k)
+
+
+def _shape_swap(spec: PromptSpec, objs: list, rng: np.random.Generator, cfg: WorldConfig) -> Change:
+    """One object gets another shape, its (colour, shape) pair new to the prompt."""
+    used = {(e.color, e.shape) for e in spec.entities}
+    options = [
+        (k, s)
+        for k in range(len(objs))
+        for s in SHAPES
+        if s != objs[k].shape and (objs[k].color, s) not in used
+    ]
+    if not options:
+        return None
+    k, shape = options[int(rng.integers(len(options)))]
+    new = dataclasses.replace(objs[k], shape=shape, rotation=cfg.sample_rotation(shape, rng))
+    # The new shape has the same area but maybe a larger circumradius: if it no longer fits,
+    # move it (not in relation prompts, where moving could change the relation).
+    others = objs[:k] + objs[k + 1 :]
+    if not fits(new, others, cfg):
+        if spec.relation is not None:
+            return None
+        try:
+            moved = place_objects([(shape, new.color, new.size)], rng, cfg, existing=others)
+        except RuntimeError:
+            return None
+        new = moved[0]
+    objs[k] = new
+    return objs, 1 + _count_extra(spec, k)
+
+
+def _size_change(
+    spec: PromptSpec, objs: list, rng: np.random.Generator, cfg: WorldConfig
+) -> Change:
+    """One object whose size the prompt states flips small/large (the first, in random order,
+    that still fits)."""
+    sized = [k for k in range(len(objs)) if _entity_of(spec, k).size is not None]
+    if not sized:
+        return None
+    rng.shuffle(sized)
+    for k in sized:
+        size = "small" if objs[k].size == "large" else "large"
+        new = dataclasses.replace(objs[k], size=size, scale=cfg.sample_scale(size, rng))
+        if fits(new, objs[:k] + objs[k + 1 :], cfg):
+            objs[k] = new
+            return objs, 1
+    return None
+
+
+def _relation_flip(
+    spec: PromptSpec, objs: list, rng: np.random.Generator, cfg: WorldConfig
+) -> Change:
+    """The scene is mirrored along the relation's axis."""
+    if spec.relation is None:
+        return None
+    horizontal = spec.relation.relation in RELATIONS[:2]
+    flipped = [
+        dataclasses.replace(o, cx=1.0 - o.cx)
+        if horizontal
+        else dataclasses.replace(o, cy=1.0 - o.cy)
+        for o in objs
+    ]
+    return flipped, 1
+
+
+def _binding_swap(
+    spec: PromptSpec, objs: list, rng: np.random.Generator, cfg: WorldConfig
+) -> Change:
+    """Two singular objects of different colour and shape swap colours."""
+    n = len(objs)
+    pairs = [
+        (a, b)
+        for a in range(n)
+        for b in range(a + 1, n)
+        if _count_extra(spec, a) == 0
+        and _count_extra(spec, b) == 0
+        and objs[a].color != objs[b].color
+        and objs[a].shape != objs[b].shape
+    ]
+    if not pairs:
+        return None
+    a, b = pairs[int(rng.integers(len(pairs)))]
+    ca, cb = objs[a].color, objs[b].color
+    objs[a] = dataclasses.replace(objs[a], color=cb)
+    objs[b] = dataclasses.replace(objs[b], color=ca)
+    return objs, 2
+
+
+def _missing_object(
+    spec: PromptSpec, objs: list, rng: np.random.Generator, cfg: WorldConfig
+) -> Change:
+    """One object is removed."""
+    k = int(rng.integers(len(objs)))
+    broken = _slot_fact_count(spec, k) + 1 + _count_extra(spec, k)
+    if spec.relation is not None:
+        broken += 1  # both slots of a relation prompt take part in the relation
+    del objs[k]
+    return objs, broken
+
+
+def _extra_object(
+    spec: PromptSpec, objs: list, rng: np.random.Generator, cfg: WorldConfig
+) -> Change:
+    """An object of a (colour, shape) not in the prompt is added (small if a random size
+    does not fit)."""
+    used = {(e.color, e.shape) for e in spec.entities}
+    choices = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in used]
+    color, shape = choices[int(rng.integers(len(choices)))]
+    for size in (str(rng.choice(SIZES)), "small"):
+        try:
+            new = place_objects([(shape, color, size)], rng, cfg, existing=objs)
+        except RuntimeError:
+            continue
+        return (*objs, *new), 1
+    return None
+
+
+def _wrong_count(
+    spec: PromptSpec, objs: list, rng: np.random.Generator, cfg: WorldConfig
+) -> Change:
+    """An entity with a count gets one copy more (if below three, half of the time, when it
+    fits) or one fewer."""
+    counted = [i for i, e in enumerate(spec.entities) if e.count > 1]
+    if not counted:
+        return None
+    i = counted[int(rng.integers(len(counted)))]
+    e = spec.entities[i]
+    members = [k for k in range(len(objs)) if spec.slots()[k] == i]
+    if e.count < 3 and rng.random() < 0.5:
+        try:
+            new = place_objects(
+                [(e.shape, e.color, e.size or str(rng.choice(SIZES)))], rng, cfg, existing=objs
+            )
+        except RuntimeError:
+            new = ()
+        if new:
+            return (*objs, *new), 2  # count + total
+    k = members[int(rng.integers(len(members)))]
+    broken = _slot_fact_count(spec, k) + 2  # the slot, count, total
+    del objs[k]
+    return objs, broken
+
+
+PERTURBATIONS: dict[str, Callable[..., Change]] = {
+    "color_swap": _color_swap,
+    "shape_swap": _shape_swap,
+    "size_change": _size_change,
+    "relation_flip": _relation_flip,
+    "binding_swap": _binding_swap,
+    "missing_object": _missing_object,
+    "extra_object": _extra_object,
+    "wrong_count": _wrong_count,
+}
+"""Kind -> the function that applies it (see the table in the module docstring)."""
+
+KINDS: tuple[str, ...] = tuple(PERTURBATIONS)
+"""Single perturbation kinds, in a fixed order."""
 
 
 def perturb(
@@ -113,134 +284,13 @@ def perturb(
     Returns ``None`` when the kind does not apply (e.g. ``relation_flip`` without a relation,
     ``size_change`` when no size is stated, or no free space for an extra object).
     """
-    if kind not in KINDS:
+    if kind not in PERTURBATIONS:
         raise ValueError(f"unknown perturbation {kind!r}; valid kinds: {KINDS}")
-    cfg = config or WorldConfig()
-    objs = list(scene.objects)
-    n = len(objs)
-    used = {(e.color, e.shape) for e in spec.entities}
-    used_colors = {e.color for e in spec.entities}
-
-    def count_extra(k: int) -> int:
-        return int(_entity_of(spec, k).count > 1)
-
-    if kind == "color_swap":
-        k = int(rng.integers(n))
-        choices = [c for c in COLORS if c not in used_colors]
-        objs[k] = dataclasses.replace(objs[k], color=str(rng.choice(choices)))
-        return Perturbed(Scene(tuple(objs)), kind, 1 + count_extra(k))
-
-    if kind == "shape_swap":
-        options = [
-            (k, s)
-            for k in range(n)
-            for s in SHAPES
-            if s != objs[k].shape and (objs[k].color, s) not in used
-        ]
-        if not options:
-            return None
-        k, shape = options[int(rng.integers(len(options)))]
-        new = dataclasses.replace(objs[k], shape=shape, rotation=cfg.sample_rotation(shape, rng))
-        # The new shape has the same area but maybe a larger circumradius: if it no longer
-        # fits, move it (not in relation prompts, where moving could change the relation).
-        others = objs[:k] + objs[k + 1 :]
-        if not fits(new, others, cfg):
-            if spec.relation is not None:
-                return None
-            try:
-                moved = place_objects([(shape, new.color, new.size)], rng, cfg, existing=others)
-            except RuntimeError:
-                return None
-            new = moved[0]
-        objs[k] = new
-        return Perturbed(Scene(tuple(objs)), kind, 1 + count_extra(k))
-
-    if kind == "size_change":
-        sized = [k for k in range(n) if _entity_of(spec, k).size is not None]
-        if not sized:
-            return None
-        rng.shuffle(sized)
-        for k in sized:
-            size = "small" if objs[k].size == "large" else "large"
-            new = dataclasses.replace(objs[k], size=size, scale=cfg.sample_scale(size, rng))
-            if fits(new, objs[:k] + objs[k + 1 :], cfg):
-                objs[k] = new
-                return Perturbed(Scene(tuple(objs)), kind, 1)
+    change = PERTURBATIONS[kind](spec, list(scene.objects), rng, config or WorldConfig())
+    if change is None:
         return None
-
-    if kind == "relation_flip":
-        if spec.relation is None:
-            return None
-        horizontal = spec.relation.relation in RELATIONS[:2]
-        objs = [
-            dataclasses.replace(o, cx=1.0 - o.cx)
-            if horizontal
-            else dataclasses.replace(o, cy=1.0 - o.cy)
-            for o in objs
-        ]
-        return Perturbed(Scene(tuple(objs)), kind, 1)
-
-    if kind == "binding_swap":
-        pairs = [
-            (a, b)
-            for a in range(n)
-            for b in range(a + 1, n)
-            if count_extra(a) == 0
-            and count_extra(b) == 0
-            and objs[a].color != objs[b].color
-            and objs[a].shape != objs[b].shape
-        ]
-        if not pairs:
-            return None
-        a, b = pairs[int(rng.integers(len(pairs)))]
-        ca, cb = objs[a].color, objs[b].color
-        objs[a] = dataclasses.replace(objs[a], color=cb)
-        objs[b] = dataclasses.replace(objs[b], color=ca)
-        return Perturbed(Scene(tuple(objs)), kind, 2)
-
-    if kind == "missing_object":
-        k = int(rng.integers(n))
-        broken = _slot_fact_count(spec, k) + 1 + count_extra(k)
-        if spec.relation is not None:
-            broken += 1  # both slots of a relation prompt take part in the relation
-        del objs[k]
-        return Perturbed(Scene(tuple(objs)), kind, broken)
-
-    if kind == "extra_object":
-        choices = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in used]
-        color, shape = choices[int(rng.integers(len(choices)))]
-        for size in (str(rng.choice(SIZES)), "small"):
-            try:
-                new = place_objects([(shape, color, size)], rng, cfg, existing=objs)
-            except RuntimeError:
-                continue
-            return Perturbed(Scene((*objs, *new)), kind, 1)
-        return None
-
-    # wrong_count
-    counted = [i for i, e in enumerate(spec.entities) if e.count > 1]
-    if not counted:
-        return None
-    i = counted[int(rng.integers(len(counted)))]
-    e = spec.entities[i]
-    members = [k for k in range(n) if spec.slots()[k] == i]
-    if e.count < 3 and rng.random() < 0.5:
-        try:
-            new = place_objects(
-                [(e.shape, e.color, e.size or str(rng.choice(SIZES)))], rng, cfg, existing=objs
-            )
-        except RuntimeError:
-            new = ()
-        if new:
-            return Perturbed(Scene((*objs, *new)), kind, 2)  # count + total
-    k = members[int(rng.integers(len(members)))]
-    broken = _slot_fact_count(spec, k) + 2  # the slot, count, total
-    del objs[k]
+    objs, broken = change
     return Perturbed(Scene(tuple(objs)), kind, broken)
-
-
-def _slot_fact_count(spec: PromptSpec, k: int) -> int:
-    return 2 + int(_entity_of(spec, k).size is not None)
 
 
 def perturbed_scenes(

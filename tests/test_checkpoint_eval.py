@@ -1,4 +1,5 @@
-"""Offline checkpoint evaluation (rlhf.checkpoint_eval) on the tiny offline pipeline."""
+"""Offline checkpoint evaluation (``hyperalign eval-checkpoints``, rlhf.evaluation) on the tiny
+offline pipeline."""
 
 import csv
 import json
@@ -10,7 +11,9 @@ import pytest
 import torch
 
 from hyperalign.cli import main as cli
-from rlhf import checkpoint_eval as ce
+from rlhf.evaluation.generation import checkpoint_names
+from rlhf.evaluation.prompt_sets import load_prompt_set
+from rlhf.pipeline import check_lora_fits
 
 
 @pytest.fixture(scope="module")
@@ -110,9 +113,9 @@ def test_score_existing_images_and_bad_files(tmp_path, capsys):
 
 def test_bad_prompt_set_and_lora(pipeline_dirs, tmp_path):
     with pytest.raises(ValueError, match="animals.*parti.*drawbench.*shapes"):
-        ce.load_prompt_set("no-such-set")
+        load_prompt_set("no-such-set")
     with pytest.raises(FileNotFoundError, match="DrawBench"):
-        ce.load_prompt_set("drawbench")
+        load_prompt_set("drawbench")
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file, save_file
 
@@ -124,22 +127,13 @@ def test_bad_prompt_set_and_lora(pipeline_dirs, tmp_path):
     save_file(state, bad)
     pipe = StableDiffusionPipeline.from_pretrained(pipeline_dirs / "pipe")
     with pytest.raises(ValueError, match=rf"bad_lora\.safetensors.*{re.escape(key)}"):
-        ce.check_lora_fits(pipe, bad)
-
-
-def test_bootstrap_interval_contains_mean():
-    rng = np.random.default_rng(0)
-    x = rng.normal(1.0, 2.0, size=200)
-    mean, lo, hi = ce.bootstrap_ci(x)
-    assert lo < mean < hi and mean == pytest.approx(x.mean())
-    # Width close to the normal-theory 95 % interval.
-    assert (hi - lo) == pytest.approx(2 * 1.96 * x.std() / np.sqrt(x.size), rel=0.15)
+        check_lora_fits(pipe, bad)
 
 
 def test_checkpoint_names_of_a_run(tmp_path):
     for sub in ("run/checkpoints/checkpoint_00008/lora", "run/lora", "other/lora"):
         (tmp_path / sub).mkdir(parents=True)
-    names = ce._checkpoint_names(
+    names = checkpoint_names(
         [str(tmp_path / "run/checkpoints/checkpoint_00008/lora"), str(tmp_path / "run/lora"),
          str(tmp_path / "other/lora")],
         with_base=True,
@@ -153,6 +147,92 @@ def test_shapes_prompt_set_is_held_out_from_the_shipped_pipeline():
     if not (DEFAULT_PIPELINE / "heldout_prompts.json").is_file():
         pytest.skip("shipped shapes pipeline not built")
     held = set(json.loads((DEFAULT_PIPELINE / "heldout_prompts.json").read_text()))
-    items = ce.load_prompt_set("shapes", limit=10)
+    items = load_prompt_set("shapes", limit=10)
     assert len(items) == 10 and {it.prompt for it in items} <= held
     assert {it.category for it in items} <= {"single", "multi", "count", "relation"}
+
+
+def _gen_args(pipeline_dirs, prompts, out, *extra):
+    return [
+        "--pipeline", str(pipeline_dirs / "pipe"), "--prompts", str(prompts),
+        "--images-per-prompt", "1", "--steps", "2", "--reward", "tiny-random",
+        "--critic", "brightness", "--out", str(out), "--device", "cpu", *extra,
+    ]  # fmt: skip
+
+
+def test_cache_is_keyed_by_the_prompts(pipeline_dirs, tmp_path, capsys):
+    """Another prompt file into the same --out regenerates (it reused the first run's images,
+    scoring them against the new prompts)."""
+    from PIL import Image
+
+    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    first.write_text("a photo of a cat\na photo of a dog\n")
+    second.write_text("a photo of a zebra\na photo of a whale\n")
+    out = tmp_path / "eval"
+    assert _run(_gen_args(pipeline_dirs, first, out)) == 0
+    assert "base: generated 2 images" in capsys.readouterr().err
+    old_pixels = {
+        r["prompt"]: np.asarray(Image.open(r["image"]))
+        for r in json.loads((out / "scores.json").read_text())["records"]
+    }
+    assert _run(_gen_args(pipeline_dirs, second, out)) == 0
+    assert "base: generated 2 images, reused 0 cached" in capsys.readouterr().err
+    recs = json.loads((out / "scores.json").read_text())["records"]
+    assert {r["prompt"] for r in recs} == {"a photo of a zebra", "a photo of a whale"}
+    new_pixels = [np.asarray(Image.open(r["image"])) for r in recs]
+    assert not any((a == b).all() for a in old_pixels.values() for b in new_pixels)
+    # Only this run's images stay in the cache folder, listed in its manifest.
+    manifest = json.loads((out / "images" / "base" / "manifest.json").read_text())
+    assert sorted(v["prompt"] for v in manifest["images"].values()) == sorted(
+        r["prompt"] for r in recs
+    )
+    assert len(list((out / "images" / "base").glob("*.png"))) == 2
+    # Other settings (steps) regenerate too; the same ones reuse.
+    assert _run(_gen_args(pipeline_dirs, second, out)) == 0
+    assert "reused 2 cached" in capsys.readouterr().err
+    args = _gen_args(pipeline_dirs, second, out)
+    args[args.index("--steps") + 1] = "3"
+    assert _run(args) == 0
+    assert "base: generated 2 images, reused 0 cached" in capsys.readouterr().err
+
+
+def test_truncated_lora_is_named_before_any_image_is_generated(pipeline_dirs, tmp_path):
+    lora = next((pipeline_dirs / "lora_epoch1").glob("*.safetensors"))
+    data = lora.read_bytes()
+    bad = tmp_path / "cut_lora.safetensors"
+    bad.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "eval"
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a photo of a cat\n")
+    with pytest.raises(ValueError, match=r"cut_lora\.safetensors.*truncated"):
+        _run(_gen_args(pipeline_dirs, prompts, out, "--lora", str(bad)))
+    assert not list(out.rglob("*.png"))  # the base checkpoint generated nothing
+    # A LoRA that does not fit the UNet is refused before generating too.
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(lora)
+    key = next(k for k in state if k.endswith(("lora_A.weight", "lora.down.weight")))
+    state[key] = torch.zeros(state[key].shape[0], state[key].shape[1] + 3)
+    save_file(state, tmp_path / "wide_lora.safetensors")
+    with pytest.raises(ValueError, match=r"wide_lora\.safetensors.*does not fit"):
+        _run(
+            _gen_args(
+                pipeline_dirs, prompts, out, "--lora", str(tmp_path / "wide_lora.safetensors")
+            )
+        )
+    assert not list(out.rglob("*.png"))
+
+
+def test_lora_with_nan_weights_is_refused(pipeline_dirs, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from rlhf.pipeline import check_lora_file
+
+    lora = next((pipeline_dirs / "lora_epoch1").glob("*.safetensors"))
+    state = load_file(lora)
+    key = next(iter(state))
+    state[key] = torch.full_like(state[key], float("nan"))
+    save_file(state, tmp_path / "nan_lora.safetensors")
+    with pytest.raises(ValueError, match=r"nan_lora\.safetensors holds non-finite weights"):
+        check_lora_file(tmp_path / "nan_lora.safetensors")
+    assert check_lora_file(pipeline_dirs / "lora_epoch1") == lora

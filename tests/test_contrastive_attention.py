@@ -375,9 +375,23 @@ def test_critic_contract_probabilities(tiny, tmp_path):
     critic.config.batch_size, critic.config.heatmap_dir = 8, None
     again, _ = critic(images, PROMPTS, [{}] * 3)
     assert torch.allclose(again, rewards, atol=1e-6)
-    plain = critic.score(images, PROMPTS, refine=False)
+    plain = critic.score_batch(images, PROMPTS, refine=False)
     assert "ia" not in plain and plain["p_yes"].shape == (3,)
     assert not torch.allclose(plain["p_yes"], rewards, atol=1e-7)
+
+
+def test_weighted_reward_score_refuses_the_non_differentiable_critic(tiny):
+    from reward import WeightedReward
+    from rlhf.rewards import Brightness
+
+    model, proc = tiny
+    critic = LlavaCritic(LlavaCriticConfig(contrastive=_cfg()), model, proc)
+    mix = WeightedReward({"bright": (Brightness(), 1.0), "llava": (critic, 0.5)})
+    images = torch.rand(2, 3, 20, 16)
+    rewards, _ = mix(images, PROMPTS[:2], [{}] * 2)  # the non-differentiable call works
+    assert rewards.shape == (2,)
+    with pytest.raises(TypeError, match="llava.*no differentiable score"):
+        mix.score(images, PROMPTS[:2])
 
 
 def test_critic_pickle_and_local_directory_loading(tiny, tmp_path):
@@ -448,3 +462,48 @@ def test_cli_score_and_masking(tmp_path):
     assert (mdir / "masking_curve.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="--pairs CSV, or --images with --prompt"):
         main(["score", "--images", str(tmp_path), *common])
+
+
+def test_cli_images_decode_through_common(tmp_path):
+    """--images decodes with hyperalign.common.load_image: a transparent pixel is white, an
+    opaque image keeps its exact values, and every common image suffix is listed."""
+    import numpy as np
+    from PIL import Image
+
+    from vlm_tools.llava_cli import load_images
+
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[..., 2] = 255  # blue under alpha 0: invisible
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "clear.png")
+    rgb = (np.random.default_rng(0).random((8, 8, 3)) * 255).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "rgb.tif")
+    images = load_images([tmp_path / "clear.png", tmp_path / "rgb.tif"], 8)  # (2, 3, 8, 8)
+    assert torch.equal(images[0], torch.ones(3, 8, 8))
+    expected = torch.from_numpy(rgb.astype(np.float32) / 255.0).permute(2, 0, 1)
+    assert torch.equal(images[1], expected)
+    out = tmp_path / "scores.csv"
+    argv = ["llava", "--debug", "score", "--images", str(tmp_path), "--prompt", "a cat"]
+    assert cli([*argv, "--tiny", "--post-layer", "2", "--out", str(out)]) == 0
+    assert [r["image"].rsplit("/", 1)[-1] for r in csv.DictReader(out.open())] == [
+        "clear.png",
+        "rgb.tif",
+    ]
+
+
+def test_cli_dtype_names_and_bom_pairs(tmp_path, capsys):
+    """--dtype takes every name of hyperalign.common.parse_dtype (and refuses others with the
+    list); a pairs CSV saved with a UTF-8 BOM (Excel) is read."""
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.full((8, 8, 3), 128, dtype=np.uint8)).save(tmp_path / "a.png")
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_bytes("image,prompt\na.png,a red circle\n".encode("utf-8-sig"))
+    common = ["llava", "score", "--pairs", str(pairs), "--tiny", "--post-layer", "2"]
+    for name in ("fp32", "float32"):
+        out = tmp_path / f"{name}.csv"
+        assert cli([*common, "--dtype", name, "--out", str(out)]) == 0
+        assert [r["prompt"] for r in csv.DictReader(out.open())] == ["a red circle"]
+    with pytest.raises(SystemExit):
+        cli([*common, "--dtype", "int8"])
+    assert "unknown dtype 'int8'" in capsys.readouterr().err

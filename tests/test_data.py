@@ -33,8 +33,9 @@ def make_subset(
     shared_data: Path, tmp: Path, dataset: str, n_prompts: int, per_prompt: int = 99, size=16
 ):
     """Copy the real label lines of the first ``per_prompt`` images of each of the first
-    ``n_prompts`` prompts (same format) into ``tmp`` and write a small placeholder PNG for each image: grey level = normalised MOS + noise, so
-    the images carry a learnable signal. Returns ``(labels_path, image_root)``."""
+    ``n_prompts`` prompts (same format) into ``tmp`` and write a small placeholder PNG for each
+    image: grey level = normalised MOS + noise, so the images carry a learnable signal.
+    Returns ``(labels_path, image_root)``."""
     full = load_dataset(dataset, shared_data / LABELS[dataset])
     keep = set(full.prompts[:n_prompts])
     taken: dict[str, int] = {}
@@ -229,3 +230,43 @@ def test_missing_and_unreadable_images(tmp_path):
     assert item["target"].dtype == torch.float32
     with pytest.raises(UnreadableImageError, match=r"broken.png \(label file labels.csv line 7\)"):
         data[1]
+
+
+# ---------------------------------------------------------------------- file encodings
+def test_utf8_bom_label_files_are_read(tmp_path):
+    """Spreadsheet programs write a UTF-8 byte-order mark; every label reader skips it."""
+    rows = 'image,prompt,score\na.png,"café, sitting",1\nb.png,dog,3\n'
+    plain, bom = tmp_path / "plain.csv", tmp_path / "bom.csv"
+    plain.write_text(rows, encoding="utf-8")
+    bom.write_text(rows, encoding="utf-8-sig")
+    assert bom.read_bytes()[:3] == b"\xef\xbb\xbf"
+    keys = [(s.image, s.prompt, s.mos) for s in load_dataset("csv", bom).samples]
+    assert keys == [(s.image, s.prompt, s.mos) for s in load_dataset("csv", plain).samples]
+    agiqa = tmp_path / "data.csv"
+    agiqa.write_text("name,prompt,mos_align\na.png,a cat,1.5\nb.png,a dog,2.5\n", "utf-8-sig")
+    assert [s.image for s in load_dataset("agiqa3k", agiqa).samples] == ["a.png", "b.png"]
+    amff = tmp_path / "train.txt"
+    amff.write_text("a.png\t1\t2\t3\tone\nb.png\t1\t2\t4\ttwo\n", encoding="utf-8-sig")
+    assert [s.image for s in load_dataset("aigciqa2023", amff).samples] == ["a.png", "b.png"]
+
+
+def test_latin1_label_file_names_the_file_and_encoding(tmp_path):
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("image,prompt,score\na.png,café,1\nb.png,dog,3\n".encode("latin-1"))
+    with pytest.raises(LabelFileError, match=r"latin.csv is not UTF-8 text.*Latin-1.*iconv"):
+        load_dataset("csv", latin)
+    tsv = tmp_path / "split.txt"
+    tsv.write_bytes("a.png\t1\t2\t3\tcafé\n".encode("latin-1"))
+    with pytest.raises(LabelFileError, match=r"split.txt is not UTF-8 text"):
+        load_dataset("aigciqa2023", tsv)
+
+
+def test_fingerprints_see_every_label_change_but_not_the_row_order():
+    ds = _tiny_dataset(10)
+    shuffled = IQADataset.from_samples("csv", ds.samples[::-1])
+    assert shuffled.fingerprint() == ds.fingerprint()
+    changed = IQADataset.from_samples("csv", [*ds.samples[:-1], Sample("x.png", "prompt 9", 0.5)])
+    assert changed.fingerprint() != ds.fingerprint()
+    a, b = prompt_split(ds, 0.2, 0.2, 0), prompt_split(ds, 0.2, 0.2, 0)
+    assert a.fingerprint() == b.fingerprint()
+    assert a.fingerprint()["test"] != prompt_split(ds, 0.2, 0.2, 1).fingerprint()["test"]

@@ -47,3 +47,31 @@ def test_training_prompts_exclude_held_out():
     held = {"a red circle", "a blue square"}
     prompts = demo.training_prompts(20, held, seed=0)
     assert len(set(prompts)) == 20 and not held & set(prompts)
+
+
+def test_demo_metrics_json_is_strict_when_a_correlation_is_undefined(tmp_path):
+    """Constant scores make the reward-oracle correlation undefined: metrics.json holds null
+    there (it held NaN, which strict JSON parsers refuse)."""
+    import argparse
+    import math
+
+    import numpy as np
+    import torch
+
+    from rlhf.config import shapes_demo
+
+    prompts = demo.DemoPrompts(["a red circle"], ["a blue square"], ["a red circle"] * 2, [1, 2])
+    same = demo.Judgement(torch.zeros(2, 3, 8, 8), np.array([0.5, 0.5]), np.array([1.0, 1.0]))
+    metrics = demo.demo_metrics(argparse.Namespace(seed=0, eval_images=2), prompts, same, same)
+    assert math.isnan(metrics["reward_oracle_correlation"]["pearson"])
+    assert metrics["improvement"]["reward"] == {"mean": 0.0, "ci95": [0.0, 0.0], "n": 2}
+    history = [{"epoch": 0, "reward_mean": 0.5, "reward_info/oracle_mean": 1.0}]
+    metrics.update(history=history, time_s={"total": 1.0}, config=shapes_demo().to_dict())
+    demo.write_demo_outputs(tmp_path, metrics, history, same, same, prompts)
+
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    m = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=refuse)
+    assert m["reward_oracle_correlation"] == {"pearson": None, "spearman": None}
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "grid_before_after.png").is_file()

@@ -1,8 +1,8 @@
 """Description selection (DisCLIP): pools, the selection rules, scoring, critic and CLI.
 
 Offline, CPU, tiny random CLIP (``hyperalign-tiny``). The selection is checked against a
-straightforward loop implementation of the rules; the real pools in ``../shared/data`` are
-parsed when present.
+straightforward loop implementation of the rules; the real pools in the reference-data folder
+(``hyperalign.common.shared_data_dir``, ``$HYPERALIGN_SHARED_DATA``) are parsed when present.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from hyperalign.cli import main as cli
+from hyperalign.common import shared_data_dir
 from vlm_tools.description_critic import ClassMatcher, DescriptionCritic, DescriptionCriticConfig
 from vlm_tools.description_selection import (
     DescriptionSelector,
@@ -33,7 +34,6 @@ from vlm_tools.descriptions import (
     load_pool,
     normalize_classname,
     pool_from_json_obj,
-    shared_data_dir,
 )
 
 POOL_DIR = shared_data_dir() / "descriptions"
@@ -523,3 +523,44 @@ def test_cli_missing_classes_listed(tmp_path):
                 str(tmp_path / "o"),
             ]
         )
+
+
+def test_folder_images_decode_through_common(tmp_path):
+    """Transparent pixels are composited on white (not dropped to their hidden colour), every
+    suffix of hyperalign.common.IMAGE_SUFFIXES is listed, and an undecodable file is named."""
+    from PIL import Image
+
+    from vlm_tools.description_cli import load_image, scan_image_folder
+
+    rgba = np.zeros((10, 14, 4), dtype=np.uint8)
+    rgba[..., 0] = 255  # red under alpha 0: invisible
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "clear.png")
+    img = load_image(tmp_path / "clear.png", (8, 8))
+    assert img.shape == (3, 8, 8) and torch.equal(img, torch.ones(3, 8, 8))
+    # An opaque RGB image keeps its exact pixel values (no change to the old decoding).
+    rgb = (np.random.default_rng(0).random((8, 8, 3)) * 255).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    expected = torch.from_numpy(rgb.astype(np.float32) / 255.0).permute(2, 0, 1)
+    assert torch.equal(load_image(tmp_path / "rgb.png", (8, 8)), expected)
+
+    (tmp_path / "data" / "cat").mkdir(parents=True)
+    Image.fromarray(rgb).save(tmp_path / "data" / "cat" / "a.tiff")
+    assert [p.name for p in scan_image_folder(tmp_path / "data").paths] == ["a.tiff"]
+    bad = tmp_path / "data" / "cat" / "b.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"cannot decode image .*b\.png"):
+        load_image(bad, (8, 8))
+
+
+def test_cli_reports_undecodable_image(tmp_path, capsys):
+    """Without --debug an undecodable image is a one-line error naming the file (exit 2)."""
+    pool_path = tmp_path / "pool.json"
+    pool_path.write_text(json.dumps(TOY))
+    root = tmp_path / "data"
+    _write_folder(root, ["cat", "dog"], per_class=2, seed=2)
+    (root / "dog" / "zz_broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    argv = ["disclip", str(root), "--pool", str(pool_path), "--backbone", "hyperalign-tiny"]
+    argv += ["--pretrained", "none", "--k", "2", "--m", "1", "--out", str(tmp_path / "o")]
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert "cannot decode image" in err and "zz_broken.jpg" in err and "Traceback" not in err

@@ -1,4 +1,4 @@
-"""Property tests of reward.lorentz (hyperalign.md section 2), float32 and float64."""
+"""Property tests of reward.lorentz (docs/hyperalign.md, "Geometry"), float32 and float64."""
 
 import math
 import warnings

@@ -259,3 +259,102 @@ def test_config_validation():
         HyperAlignConfig(curv_init=20.0)
     with pytest.raises(ValueError, match="unknown HyperAlignConfig fields"):
         HyperAlignConfig.from_dict({"nope": 1})
+
+
+# ------------------------------------------------------------------- damaged checkpoints
+def _edit_config(directory, **changes):
+    cfg = json.loads((directory / "config.json").read_text())
+    cfg.update(changes)
+    (directory / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("k", None, "a number"),
+        ("learn_curv", "false", "true or false"),
+        ("adapter_width", "256", "an integer"),
+        ("lora_targets", "c_fc", "a list of strings"),
+        ("target_range", [1, "5"], "a list of 2 numbers or None"),
+    ],
+)
+def test_config_values_are_type_checked_when_loaded(tmp_path, field, value, expected):
+    HyperAlign(tiny_config()).save_pretrained(tmp_path / "c")
+    _edit_config(tmp_path / "c", **{field: value})
+    match = rf"config.json: HyperAlignConfig.{field} must be {expected}, got {value!r}"
+    with pytest.raises(ValueError, match=match.replace("[", r"\[").replace("]", r"\]")):
+        HyperAlign.from_pretrained(tmp_path / "c")
+    with pytest.raises(ValueError, match=f"HyperAlignConfig.{field} must be"):
+        HyperAlignConfig.from_dict({field: value})
+    # Numbers of the other kind are fine where they are unambiguous.
+    assert HyperAlignConfig(k=1, target_range=[1, 5]).k == 1.0
+
+
+def test_damaged_config_json_names_the_file(tmp_path):
+    HyperAlign(tiny_config()).save_pretrained(tmp_path / "c")
+    path = tmp_path / "c" / "config.json"
+    text = path.read_text()
+    path.write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match=r"c/config.json is not valid UTF-8 JSON"):
+        HyperAlign.from_pretrained(tmp_path / "c")
+    path.write_bytes(text.replace("hyperalign-tiny", "hyperalign-tiny\xe9").encode("latin-1"))
+    with pytest.raises(ValueError, match=r"c/config.json is not valid UTF-8 JSON"):
+        HyperAlign.from_pretrained(tmp_path / "c")
+
+
+def test_truncated_or_non_finite_weights_are_refused_naming_file_and_tensor(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    HyperAlign(tiny_config()).save_pretrained(tmp_path / "c")
+    weights = tmp_path / "c" / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ValueError, match=r"c/model.safetensors: it is truncated.*copy the"):
+        HyperAlign.from_pretrained(tmp_path / "c")
+    weights.write_bytes(good)
+    state = load_file(str(weights))
+    state["regressor.net.0.weight"][0, 0] = float("nan")
+    state["text_adapter.gate"] = torch.tensor(float("inf"))
+    save_file(state, str(weights))
+    with pytest.raises(ValueError, match=r"model.safetensors: tensor '[a-z_.0-9]+' holds 1 NaN"):
+        HyperAlign.from_pretrained(tmp_path / "c")
+
+
+def test_damaged_backbone_weights_file_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    clip = HyperAlign(tiny_config()).clip
+    base = tmp_path / "base"
+    base.mkdir()
+    save_file(
+        {k: v.contiguous() for k, v in clip.state_dict().items()}, str(base / "clip.safetensors")
+    )
+    model = HyperAlign(tiny_config().replace(pretrained="clip.safetensors"), base_dir=base)
+    model.save_pretrained(tmp_path / "c")
+    copied = tmp_path / "c" / "clip.safetensors"
+    assert HyperAlign.from_pretrained(tmp_path / "c")  # intact: loads
+    good = copied.read_bytes()
+    copied.write_bytes(good[: len(good) // 3])
+    with pytest.raises(ValueError, match=r"backbone weights .*c/clip.safetensors: it is trunc"):
+        HyperAlign.from_pretrained(tmp_path / "c")
+    state = load_file(str(base / "clip.safetensors"))
+    name = sorted(state)[0]
+    state[name] = torch.full_like(state[name], float("nan"))
+    save_file(state, str(copied))
+    with pytest.raises(ValueError, match=rf"clip.safetensors: tensor '{name}' holds"):
+        HyperAlign.from_pretrained(tmp_path / "c")
+
+
+def test_loading_restores_a_checkpoint_left_mid_swap(tmp_path):
+    """A save killed between replace_dir's two renames leaves the previous checkpoint only
+    under ``.c.old-<pid>``: from_pretrained puts it back before reading."""
+    HyperAlign(tiny_config()).save_pretrained(tmp_path / "c")
+    before = (tmp_path / "c" / "model.safetensors").read_bytes()
+    dead_pid = 2**22 + 12345  # above the default pid_max: no such process
+    (tmp_path / "c").rename(tmp_path / f".c.old-{dead_pid}")
+    (tmp_path / f".c.tmp-{dead_pid}-x").mkdir()  # a killed save's temporary folder
+    assert HyperAlign.from_pretrained(tmp_path / "c")
+    assert (tmp_path / "c" / "model.safetensors").read_bytes() == before
+    HyperAlign(tiny_config()).save_pretrained(tmp_path / "c")  # a new save cleans up
+    assert [p.name for p in tmp_path.iterdir()] == ["c"]

@@ -1,13 +1,16 @@
 """Advantages, reward contract checks, reward/prompt registries (rlhf.stat_tracking,
 rlhf.rewards, rlhf.prompts)."""
 
+import json
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from reward.contract import RewardInfoWarning
 from rlhf.prompts import SIMPLE_ANIMALS, FixedPrompts, check_prompt_fn, get_prompt_fn
 from rlhf.rewards import Brightness, RewardError, SlowReward, check_reward_output, get_reward
 from rlhf.stat_tracking import (
@@ -59,11 +62,11 @@ def test_per_prompt_tracker_uses_batch_stats_until_min_count():
     assert list(tr.buffers["a"]) == [2.0, 5.0, 5.0, 5.0]  # bounded buffer keeps the newest
 
 
-def test_tracker_state_round_trip_and_pickle():
+def test_tracker_state_round_trips_through_json():
     tr = PerPromptStatTracker(2, 1)
     tr.update(["x", "y"], np.array([1.0, 2.0]))
     other = PerPromptStatTracker()
-    other.load_state_dict(pickle.loads(pickle.dumps(tr.state_dict())))
+    other.load_state_dict(json.loads(json.dumps(tr.state_dict())))  # as checkpoints store it
     assert other.state_dict() == tr.state_dict()
     a = tr.update(["x"], np.array([3.0]))
     b = other.update(["x"], np.array([3.0]))
@@ -93,7 +96,8 @@ def test_brightness_contract_and_differentiable_score():
         ((torch.zeros(2), {}), r"shape \(2,\)"),
         ((torch.tensor([0.0, float("nan"), 1.0]), {}), "non-finite rewards at indices \\[1\\]"),
         (torch.zeros(3), "must return \\(rewards, info\\)"),
-        ((torch.zeros(3), {"k": [1]}), "info\\['k'\\]"),
+        ((torch.zeros(3), ["a", "b", "c"]), "info of type list"),
+        ((torch.zeros(3, 2), {}), r"shape \(3, 2\)"),
     ],
 )
 def test_reward_output_errors_name_reward_and_batch(out, message):
@@ -105,6 +109,27 @@ def test_reward_output_errors_name_reward_and_batch(out, message):
 def test_reward_output_accepts_numpy_and_lists():
     r, info = check_reward_output((np.array([1, 2, 3]), {"x": np.ones(3)}), 3, "cpu", "R", "")
     assert r.dtype == torch.float32 and info["x"] == [1.0, 1.0, 1.0]
+
+
+def test_reward_output_accepts_what_other_tools_return():
+    """(B, 1) rewards are squeezed, info None is {}, and info values that are not per-sample
+    lists are dropped with one warning per key when the caller passes its `dropped` set."""
+    r, info = check_reward_output((torch.ones(3, 1), None), 3, "cpu", "R", "")
+    assert r.shape == (3,) and info == {}
+    seen: set[str] = set()
+    out = (torch.zeros(3), {"ok": [1, 2, 3], "scalar": 0.5, "short": [1], "t": torch.tensor(2.0)})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            r, info = check_reward_output(out, 3, "cpu", "R", "epoch 0", dropped=seen)
+    assert info == {"ok": [1, 2, 3]}
+    assert len([w for w in caught if issubclass(w.category, RewardInfoWarning)]) == 3
+    assert seen == {"scalar", "short", "t"}
+
+
+def test_tracker_rejects_malformed_state():
+    with pytest.raises(ValueError, match="not a PerPromptStatTracker state"):
+        PerPromptStatTracker().load_state_dict({"buffer_size": 4, "min_count": 2, "buffers": 3})
 
 
 def test_reward_registry():
@@ -126,6 +151,7 @@ def test_prompt_functions():
         get_prompt_fn("file:/does/not/exist.txt")
     with pytest.raises(TypeError, match=r"must return \(prompt: str, metadata: dict\)"):
         check_prompt_fn(lambda: "just a string")
+    check_prompt_fn(lambda: ("a cat", None))  # metadata None is accepted (becomes {})
     with pytest.raises(ValueError):
         FixedPrompts([])
 

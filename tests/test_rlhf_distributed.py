@@ -1,7 +1,8 @@
 """Two CPU processes (accelerate.debug_launcher, gloo): LoRA gradients are all-reduced because
-the training forward goes through the prepared (DDP) module; every rank saves; rewards and
-prompts are gathered. The same run with the anchors' defect (forward through the unwrapped
-UNet) leaves the ranks' weights apart, which shows the test can tell the difference."""
+the training forward goes through the prepared (DDP) module; every rank saves its RNG state and
+a resumed run continues the uninterrupted one on both ranks; rewards and prompts are gathered.
+The same run forwarding through the unwrapped UNet (the defect of earlier DDPO trainers)
+leaves the ranks' weights apart, which shows the test can tell the difference."""
 
 import json
 import os
@@ -11,6 +12,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rlhf.config import tiny_cpu
+
+
+def _lora(trainer) -> dict:
+    return {
+        n: p.detach().contiguous() for n, p in trainer.unet.named_parameters() if p.requires_grad
+    }
 
 
 def _worker(out_dir: str, defect: bool) -> None:
@@ -33,12 +40,15 @@ def _worker(out_dir: str, defect: bool) -> None:
         trainer.unet_prepared = trainer.unet  # forward through the unwrapped module
     hist = trainer.train()
     rank = trainer.accelerator.process_index
-    lora = {
-        n: p.detach().contiguous() for n, p in trainer.unet.named_parameters() if p.requires_grad
-    }
-    save_file(lora, f"{out_dir}/{cfg.run_name}_rank{rank}.safetensors")
+    save_file(_lora(trainer), f"{out_dir}/{cfg.run_name}_rank{rank}.safetensors")
     with open(f"{out_dir}/{cfg.run_name}_rank{rank}.json", "w") as f:
         json.dump({"num_samples": hist[-1]["num_samples"], "steps": hist[-1]["optimizer_steps"]}, f)
+    if not defect:  # resume epoch 2 from the epoch-1 checkpoint: each rank restores its RNG
+        cfg.run_name = "ddp_resumed"
+        cfg.resume_from = f"{out_dir}/ddp/checkpoints/checkpoint_00001"
+        resumed = DDPOTrainer(cfg)
+        resumed.train()
+        save_file(_lora(resumed), f"{out_dir}/ddp_resumed_rank{rank}.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +88,19 @@ def test_rewards_gathered_and_checkpoints_written_by_all_ranks(runs):
     assert info["num_samples"] == 2 * 8  # 2 processes x 8 samples
     assert info["steps"] == 4  # 2 optimizer steps per epoch x 2 epochs
     ckpt = runs / "ddp" / "checkpoints" / "checkpoint_00002"
-    assert {p.name for p in ckpt.glob("random_states_*.pkl")} == {
-        "random_states_0.pkl",
-        "random_states_1.pkl",
+    assert {p.name for p in ckpt.glob("rng_state_*")} == {
+        "rng_state_0.safetensors",
+        "rng_state_0.json",
+        "rng_state_1.safetensors",
+        "rng_state_1.json",
     }
+    assert not [p for p in ckpt.rglob("*") if p.suffix in (".pkl", ".bin", ".pt")]  # no pickle
     assert (runs / "ddp" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_resume_continues_the_run_on_every_rank(runs):
+    for rank in (0, 1):
+        full = load_file(str(runs / f"ddp_rank{rank}.safetensors"))
+        resumed = load_file(str(runs / f"ddp_resumed_rank{rank}.safetensors"))
+        for k in full:
+            assert torch.equal(full[k], resumed[k]), k

@@ -3,17 +3,24 @@ checkpoints and resume, the diffusers-format LoRA, reward overlap, robustness, l
 KL-to-reference and DRaFT-K modes."""
 
 import time
+import warnings
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from hyperalign.cli import main as cli
+from reward.contract import RewardInfoWarning
 from rlhf.config import apply_overrides, tiny_cpu
 from rlhf.rewards import Brightness, RewardError
 from rlhf.sampling import encode_prompts, sample_with_logprob
 from rlhf.tiny import build_tiny_pipeline
-from rlhf.trainer import LORA_CHECKPOINT_FILE, DDPOTrainer, NonFiniteTrainingError
+from rlhf.trainer import (
+    LORA_CHECKPOINT_FILE,
+    DDPOTrainer,
+    NonFiniteSamplesError,
+    NonFiniteTrainingError,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -230,6 +237,51 @@ def test_reward_failures_name_reward_and_batch(tmp_path):
         RewardError, match=r"NaNReward returned non-finite rewards at indices \[1\]"
     ):
         DDPOTrainer(_cfg(tmp_path, name="b"), reward_fn=NaNReward()).train()
+
+
+def test_nan_lora_weights_are_reported_as_non_finite_images(tmp_path):
+    """NaN LoRA weights make NaN images: the error says so, and does not blame the reward."""
+    for mode in ("ppo", "draft"):
+        trainer = DDPOTrainer(_cfg(tmp_path, f"train_mode={mode}", name=mode))
+        with torch.no_grad():
+            for p in trainer.trainable:
+                p.fill_(float("nan"))
+        with pytest.raises(NonFiniteSamplesError, match="non-finite images") as err:
+            trainer.train()
+        assert "LoRA tensors hold non-finite weights" in str(err.value)
+        assert "reward function" not in str(err.value)
+
+
+class _OtherToolsReward:
+    """Outputs as other tools' rewards produce them: (B, 1) rewards, a scalar and a
+    wrong-length info value next to a per-sample one; records the metadata it saw."""
+
+    def __init__(self):
+        self.metadata = []
+
+    def __call__(self, images, prompts, metadata):
+        self.metadata.extend(metadata)
+        b = images.mean(dim=(1, 2, 3))
+        info = {"brightness": b.tolist(), "model_version": 3, "batch_stats": [0.1, 0.2]}
+        return b[:, None], info
+
+
+def test_trainer_accepts_outputs_of_other_tools(tmp_path):
+    reward = _OtherToolsReward()
+    prompts = lambda: ("a red cube", None)  # noqa: E731 (metadata None, as some tools return)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hist = DDPOTrainer(
+            _cfg(tmp_path, "num_epochs=2"), reward_fn=reward, prompt_fn=prompts
+        ).train()
+    dropped = [w for w in caught if issubclass(w.category, RewardInfoWarning)]
+    # 4 reward calls, two bad keys: one warning for each, not one per call.
+    assert sorted(str(w.message).split("info[")[1][:15] for w in dropped) == [
+        "'batch_stats'] ",
+        "'model_version'",
+    ]
+    assert reward.metadata and all(m == {} for m in reward.metadata)
+    assert "reward_info/brightness_mean" in hist[-1] and len(hist) == 2
 
 
 def test_bad_prompt_function_fails_at_start(tmp_path):

@@ -1,4 +1,5 @@
-"""The shipped shapes-world Stable Diffusion (shapes/assets/sd) and its training script.
+"""The shipped shapes-world Stable Diffusion (shapes/assets/sd) and its training library
+(``shapes.sd_training``, ``shapes.tokenizer``).
 
 Tests that need the shipped pipeline skip when it is absent (rebuild it with
 ``scripts/train_shapes_sd.py``).
@@ -6,32 +7,21 @@ Tests that need the shipped pipeline skip when it is absent (rebuild it with
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from shapes.assets import SD_DIR
+from shapes.sd_training import SDTrainConfig, heldout_prompts, tokenize, train
+from shapes.tokenizer import build_shapes_tokenizer, grammar_words
 
-REPO = Path(__file__).resolve().parents[1]
 PIPE_DIR = SD_DIR
 needs_pipeline = pytest.mark.skipif(
     not (PIPE_DIR / "model_index.json").is_file(),
     reason=f"no shipped pipeline at {PIPE_DIR} (run scripts/train_shapes_sd.py)",
 )
-
-
-def _load_script(name: str):
-    """Import ``scripts/<name>.py`` as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -45,11 +35,6 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def train_script():
-    return _load_script("train_shapes_sd")
-
-
-@pytest.fixture(scope="module")
 def pipe():
     from diffusers import StableDiffusionPipeline
 
@@ -60,9 +45,9 @@ def pipe():
     return p
 
 
-def test_learned_bpe_makes_each_grammar_word_one_token(train_script):
-    tok = train_script.build_shapes_tokenizer(max_length=20)
-    for word in train_script.grammar_words():
+def test_learned_bpe_makes_each_grammar_word_one_token():
+    tok = build_shapes_tokenizer(max_length=20)
+    for word in grammar_words():
         assert len(tok(word, add_special_tokens=False).input_ids) == 1, word
     # Text outside the grammar still tokenizes (byte symbols stay in the vocabulary).
     ids = tok("a pink hexagon!", add_special_tokens=False).input_ids
@@ -90,9 +75,9 @@ def test_shipped_pipeline_components(pipe):
 
 
 @needs_pipeline
-def test_shipped_tokenizer_covers_grammar_and_heldout_fits(pipe, train_script):
+def test_shipped_tokenizer_covers_grammar_and_heldout_fits(pipe):
     tok = pipe.tokenizer
-    for word in train_script.grammar_words():
+    for word in grammar_words():
         assert len(tok(word, add_special_tokens=False).input_ids) == 1, word
     held = json.loads((PIPE_DIR / "heldout_prompts.json").read_text())
     longest = max(len(tok(p).input_ids) for p in held)  # with start and end tokens
@@ -162,22 +147,44 @@ def test_shipped_pipeline_follows_heldout_prompts_better_than_random_scenes(pipe
     assert generated < 0.95  # imperfect by design: RL has room to improve it
 
 
-def test_train_script_end_to_end_tiny(train_script, tmp_path):
-    """The script trains (a few steps, tiny data) and writes a loadable pipeline + reports."""
+@needs_pipeline
+def test_tokenizer_and_heldout_prompts_rebuild_as_shipped(tmp_path):
+    """The tokenizer files and the held-out prompts that training makes today are the shipped
+    ones, byte for byte."""
+    tok = build_shapes_tokenizer(max_length=20)
+    tokenize(tok, ["a red circle"])  # as training does: sets the saved truncation/padding state
+    tok.save_pretrained(tmp_path / "tok")
+    for f in sorted((PIPE_DIR / "tokenizer").iterdir()):
+        assert (tmp_path / "tok" / f.name).read_bytes() == f.read_bytes(), f.name
+    cfg = SDTrainConfig()
+    held = heldout_prompts(cfg.n_heldout, cfg.heldout_seed)
+    assert held == json.loads((PIPE_DIR / "heldout_prompts.json").read_text())
+
+
+def test_training_end_to_end_tiny(tmp_path, capsys):
+    """Training (a few steps, tiny data and models) writes a loadable pipeline + reports."""
     from diffusers import StableDiffusionPipeline
 
     out = tmp_path / "sd"
-    argv = [
-        "--out", str(out), "--n-train", "48", "--n-heldout", "8", "--vae-steps", "2",
-        "--vae-batch", "4", "--unet-steps", "3", "--unet-batch", "4", "--warmup-steps", "1",
-        "--vae-channels", "8", "16", "16", "--unet-channels", "16", "32",
-        "--unet-norm-groups", "8", "--text-hidden", "16", "--text-layers", "1", "--n-roundtrip", "4",
-    ]  # fmt: skip
-    assert train_script.main(argv) == 0
-    report = json.loads((out / "training.json").read_text())
+    cfg = SDTrainConfig(
+        n_train=48, n_heldout=8, vae_steps=2, vae_batch=4, unet_steps=3, unet_batch=4,
+        warmup_steps=1, vae_channels=(8, 16, 16), unet_channels=(16, 32), unet_norm_groups=8,
+        text_hidden=16, text_layers=1, n_roundtrip=4,
+    )  # fmt: skip
+    report = train(cfg, out, command="tiny")
+    assert json.loads((out / "training.json").read_text()) == json.loads(json.dumps(report))
     assert report["config"]["unet_steps"] == 3 and np.isfinite(report["unet_eps_mse_last100"])
     held = json.loads((out / "heldout_prompts.json").read_text())
     assert not set(held) & set((out / "train_prompts.txt").read_text().splitlines())
     pipe = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
     assert pipe.vae.config.scaling_factor == pytest.approx(1.0 / report["latent_std"], rel=1e-5)
-    assert not list(tmp_path.glob(".sd.*"))  # no temporary directory left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sd"]  # no temporary folder left
+    assert (out / "training.json").stat().st_mode & 0o777 == 0o644
+    assert "[unet] step" in capsys.readouterr().out
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="threads must be 1 or 2"):
+        SDTrainConfig(threads=4)
+    with pytest.raises(ValueError, match="unet_norm_groups and unet_heads must divide width 24"):
+        SDTrainConfig(unet_channels=(24, 48))

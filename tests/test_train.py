@@ -40,19 +40,36 @@ def eval_main(argv):
     return cli(["eval-reward", "--debug", *argv])
 
 
+def _strict_json(path: Path):
+    """Parse ``path`` as strict JSON (NaN / Infinity, which strict parsers refuse, fail)."""
+
+    def refuse(constant):
+        raise AssertionError(f"{path} holds {constant}, which strict JSON parsers refuse")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
 def _data_args(subsets, name):
     labels, root = subsets[name]
     return ["--dataset", name, "--labels", str(labels), "--image-root", str(root)]
 
 
-def test_short_training_then_evaluate_within_and_cross_dataset(subsets, tmp_path, capsys):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def agiqa_run(subsets, tmp_path_factory):
+    """A finished 3-epoch run on the AGIQA-3K subset: its folder ``<out>``."""
+    out = tmp_path_factory.mktemp("agiqa") / "run"
     args = _data_args(subsets, "agiqa3k") + ["--out", str(out), *TINY]
     fast = ["--lr-adapters", "3e-3", "--lr-head", "3e-3", "--val-fraction", "0.2"]
-    rc = train_main(args + ["--epochs", "3", *fast, "--checkpoint-every", "0"])
-    assert rc == 0
+    assert train_main(args + ["--epochs", "3", *fast, "--checkpoint-every", "0"]) == 0
+    return out
+
+
+def test_short_training_then_evaluate_within_and_cross_dataset(
+    subsets, agiqa_run, tmp_path, capsys
+):
+    out = agiqa_run
     run = out / "split_0"
-    result = json.loads((run / "result.json").read_text())
+    result = _strict_json(run / "result.json")
     hist = result["history"]
     assert len(hist) == 3
     # Learning: the images' grey level encodes the MOS (the untrained model ranks the
@@ -177,7 +194,7 @@ def test_interrupted_then_resumed_run_matches_uninterrupted(subsets, tmp_path, m
         train_main(args + ["--out", str(tmp_path / "b")])
     state = tmp_path / "b" / "split_0" / "state" / "last"
     assert state.is_dir() and not (tmp_path / "b" / "split_0" / "result.json").exists()
-    saved = torch.load(state / "custom_checkpoint_0.pkl", weights_only=True)
+    saved = json.loads((state / "progress.json").read_text())["progress"]
     assert (saved["epoch"], saved["step_in_epoch"], saved["global_step"]) == (1, 1, 4)
     monkeypatch.setattr(train_mod, "hyperalign_loss", real_loss)
     assert train_main(args + ["--out", str(tmp_path / "b")]) == 0  # resumes
@@ -187,12 +204,11 @@ def test_interrupted_then_resumed_run_matches_uninterrupted(subsets, tmp_path, m
         wb = _weights(tmp_path / "b" / "split_0" / part)
         assert wa.keys() == wb.keys()
         for k in wa:
-            torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6, msg=k)
+            assert torch.equal(wb[k], wa[k]), k  # bit-identical
     ra = json.loads((tmp_path / "a" / "split_0" / "result.json").read_text())
     rb = json.loads((tmp_path / "b" / "split_0" / "result.json").read_text())
-    assert rb["test"]["srcc"] == pytest.approx(ra["test"]["srcc"], abs=1e-6)
-    for ha, hb in zip(ra["history"], rb["history"], strict=True):  # incl. the resumed epoch
-        assert hb == pytest.approx(ha, rel=1e-4, abs=1e-6, nan_ok=True)
+    assert rb["test"] == ra["test"]
+    assert rb["history"] == ra["history"]  # bit-identical, the resumed epoch included
     # A saved run is only resumed with the same settings.
     with pytest.raises(ValueError, match=r"different settings \(train.lr_adapters\).*--restart"):
         train_main([*args[:-1], "2e-3", "--out", str(tmp_path / "b")])
@@ -266,3 +282,198 @@ def test_param_groups_and_missing_images_fail_before_training(subsets, tmp_path)
         )
     assert ds.samples[0].image in str(err.value)
     assert not (out / "split_0" / "state").exists()
+
+
+class _Plant:
+    """Unpickling this object creates ``marker`` (what a malicious checkpoint file could do)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+# Every file name accelerate's save_state/load_state use for pickled state.
+ACCELERATE_PICKLES = (
+    "custom_checkpoint_0.pkl",
+    "random_states_0.pkl",
+    "optimizer.bin",
+    "scheduler.bin",
+    "sampler.bin",
+    "dl_state_dict.bin",
+    "scaler.pt",
+    "pytorch_model.bin",
+)
+
+
+def test_resume_never_unpickles(subsets, tmp_path):
+    """A state folder with pickles planted under every name accelerate would read resumes from
+    its safetensors/JSON files only: no planted code runs."""
+    args = _data_args(subsets, "pku-i2iqa") + [*TINY, "--no-tensorboard", "--out", str(tmp_path)]
+    assert train_main(args + ["--epochs", "1"]) == 0
+    run = tmp_path / "split_0"
+    (run / "result.json").unlink()  # unfinished again: the next call resumes from the state
+    state = run / "state" / "last"
+    saved = sorted(p.name for p in state.iterdir())
+    marker = tmp_path / "pwned"
+    for name in ACCELERATE_PICKLES:
+        # Files a state folder holds stay (an accelerate-written folder stays loadable up to
+        # its custom state, the one it unpickles without restriction); the rest are planted.
+        if name == "custom_checkpoint_0.pkl" or not (state / name).exists():
+            torch.save(_Plant(marker), state / name)
+    assert train_main(args + ["--epochs", "2"]) == 0  # epochs may grow on resume
+    assert not marker.exists(), "resuming ran code from a planted pickle"
+    result = json.loads((run / "result.json").read_text())
+    assert [h["epoch"] for h in result["history"]] == [0, 1]  # epoch 0 came from the state
+    assert saved == [
+        "model.safetensors",
+        "optimizer.json",
+        "optimizer.safetensors",
+        "progress.json",
+        "rng_0.json",
+        "rng_0.safetensors",
+    ]
+
+
+def test_resume_refuses_damaged_or_foreign_state(subsets, tmp_path):
+    args = _data_args(subsets, "pku-i2iqa") + [*TINY, "--no-tensorboard", "--out", str(tmp_path)]
+    assert train_main(args + ["--epochs", "1"]) == 0
+    run = tmp_path / "split_0"
+    (run / "result.json").unlink()
+    state = run / "state" / "last"
+    good = (state / "optimizer.safetensors").read_bytes()
+    (state / "optimizer.safetensors").write_bytes(good[: len(good) // 2])
+    with pytest.raises(ValueError, match=r"optimizer.safetensors: it is truncated.*--restart"):
+        train_main(args + ["--epochs", "2"])
+    (state / "optimizer.safetensors").write_bytes(good)
+    (state / "progress.json").unlink()  # e.g. a folder accelerate's save_state wrote
+    with pytest.raises(ValueError, match=r"progress.json is missing.*--restart"):
+        train_main(args + ["--epochs", "2"])
+    assert train_main(args + ["--epochs", "2", "--restart"]) == 0
+
+
+def _eval_args(model: Path, labels: Path, root: Path, out: Path, subset: str = "test") -> list:
+    return [
+        "--model",
+        str(model),
+        "--dataset",
+        "agiqa3k",
+        "--labels",
+        str(labels),
+        "--image-root",
+        str(root),
+        "--out",
+        str(out),
+        "--subset",
+        subset,
+        "--device",
+        "cpu",
+        "--num-workers",
+        "0",
+    ]
+
+
+def test_eval_refuses_a_split_rebuilt_from_other_labels(subsets, agiqa_run, tmp_path):
+    """``--subset test`` checks the rebuilt split against the fingerprints stored with the
+    checkpoint: a row-shuffled copy of the training CSV (whose seeded split puts training
+    images into "test") and a copy with one score changed are refused."""
+    labels, root = subsets["agiqa3k"]
+    best = agiqa_run / "split_0" / "best"
+    header, *rows = labels.read_text().splitlines()
+    shuffled = tmp_path / "shuffled.csv"
+    order = np.random.default_rng(1).permutation(len(rows))
+    shuffled.write_text("\n".join([header] + [rows[i] for i in order]) + "\n")
+    ds, mixed = load_dataset("agiqa3k", labels), load_dataset("agiqa3k", shuffled)
+    extra = HyperAlign.from_pretrained(best).config.extra
+    trained = {s.image for s in make_split(ds, TrainConfig(val_fraction=0.2), 0)[0].train}
+    rebuilt_test = make_split(mixed, TrainConfig(val_fraction=0.2), 0)[0].test
+    assert trained & {s.image for s in rebuilt_test}  # what the check is there to stop
+    with pytest.raises(ValueError, match=r"test.* differ .*another order.*--subset all"):
+        eval_main(_eval_args(best, shuffled, root, tmp_path / "e1"))
+    assert not (tmp_path / "e1" / "metrics.json").exists()
+    changed = tmp_path / "changed.csv"
+    fields = rows[0].split(",")
+    fields[-2] = str(float(fields[-2]) + 0.5)  # mos_align of the first image
+    changed.write_text("\n".join([header, ",".join(fields), *rows[1:]]) + "\n")
+    with pytest.raises(ValueError, match=r"labels differ from the ones .* was trained on"):
+        eval_main(_eval_args(best, changed, root, tmp_path / "e2"))
+    # Cross-dataset evaluation of every row needs no split; a checkpoint without stored
+    # fingerprints cannot be checked and is refused for --subset test.
+    assert eval_main(_eval_args(best, shuffled, root, tmp_path / "e3", "all")) == 0
+    legacy = tmp_path / "legacy"
+    model = HyperAlign.from_pretrained(best)
+    split_info = {k: v for k, v in extra["split"].items() if not k.endswith("sha256")}
+    model.config.extra = {**extra, "split": split_info}
+    model.save_pretrained(legacy)
+    with pytest.raises(ValueError, match="stores no fingerprint of its split"):
+        eval_main(_eval_args(legacy, labels, root, tmp_path / "e4"))
+
+
+@pytest.mark.parametrize(
+    "flag, value", [("--lr-head", "-1"), ("--lr-adapters", "0"), ("--lr-backbone", "inf")]
+)
+def test_bad_learning_rates_are_refused_before_training(subsets, tmp_path, capsys, flag, value):
+    out = tmp_path / "run"
+    args = _data_args(subsets, "pku-i2iqa") + [*TINY, "--out", str(out), flag, value]
+    assert cli(["train-reward", *args]) == 2
+    err = capsys.readouterr().err
+    assert f"lr_{flag[5:]} ({flag}) must be a finite number > 0, got {float(value)}" in err
+    assert not out.exists()
+    for bad in (-1e-3, 0.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="lr_head"):
+            TrainConfig(lr_head=bad)
+    with pytest.raises(ValueError, match="wd_adapters"):
+        TrainConfig(wd_adapters=-0.1)
+
+
+def test_eval_outputs_are_strict_json_when_metrics_are_undefined(tmp_path):
+    """A checkpoint that scores every image alike has undefined correlations: metrics.json and
+    summary.json write them as null, not NaN."""
+    from PIL import Image
+
+    torch.manual_seed(0)
+    model = HyperAlign(tiny_config())
+    with torch.no_grad():
+        model.regressor.net[-1].bias[2] = -200.0  # gamma = 2 sigmoid(-200) = 0: constant scores
+    model.save_pretrained(tmp_path / "const")
+    root = tmp_path / "images"
+    root.mkdir()
+    lines = ["image,prompt,score"]
+    for i in range(6):
+        Image.new("RGB", (16, 16), (40 * i, 20, 20)).save(root / f"{i}.png")
+        lines.append(f"{i}.png,prompt {i % 3},{i}")
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "eval"
+    args = ["--dataset", "csv", "--labels", str(tmp_path / "labels.csv"), "--image-root", str(root)]
+    const = str(tmp_path / "const")
+    common = ["--out", str(out), "--device", "cpu", "--num-workers", "0"]
+    assert eval_main(["--model", const, const, *args, *common]) == 0
+    for sub in ("0_const", "1_const"):
+        metrics = _strict_json(out / sub / "metrics.json")
+        assert metrics["srcc"] is None and metrics["rmse"] is not None
+    summary = _strict_json(out / "summary.json")
+    assert summary["srcc"] == [None, None] and all(v is not None for v in summary["rmse"])
+
+
+def test_progress_round_trips_through_strict_json_and_bad_model_config_is_named(tmp_path):
+    from hyperalign.common import dumps_json
+    from reward.train import TrainState
+
+    state = TrainState(running={"loss": 0.1 + 0.2}, history=[{"epoch": 0, "val_plcc": None}])
+    loaded = TrainState()
+    loaded.load_state_dict(json.loads(dumps_json(state.state_dict())))
+    assert loaded == state and loaded.best_val_srcc == -float("inf")  # -inf is null in JSON
+    with pytest.raises(ValueError, match=r"p.json: field 'epoch' has the wrong type"):
+        loaded.load_state_dict({**state.state_dict(), "epoch": "3"}, source="p.json")
+    bad = tmp_path / "model.json"
+    bad.write_text('{"k": 0.1,}')
+    parser = __import__("argparse").ArgumentParser()
+    train_mod.add_arguments(parser)
+    base = ["--dataset", "csv", "--labels", "x", "--image-root", "y", "--out", "z"]
+    ns = parser.parse_args([*base, "--model-config", str(bad)])
+    with pytest.raises(ValueError, match=r"--model-config .*model.json is not valid UTF-8 JSON"):
+        train_mod.configs_from_args(ns)
+    bad.write_text('{"k": null}')
+    with pytest.raises(ValueError, match=r"HyperAlignConfig.k must be a number, got None"):
+        train_mod.configs_from_args(ns)

@@ -6,7 +6,8 @@ Usage::
         [--backbone ViT-B-32 --pretrained openai] [--k 3 --m 5 --n-reference 1000]
         [--w-cls 0:40:0.25] [--out runs/disclip] [--device cuda]
 
-``ROOT`` holds ``ROOT/<class name>/*.jpg`` (also png, jpeg, webp, bmp); every class folder must
+``ROOT`` holds ``ROOT/<class name>/*.jpg`` (any suffix of ``hyperalign.common.IMAGE_SUFFIXES``:
+png, jpeg, webp, ...); every class folder must
 be in the pool (names are matched ignoring case, ``_``/``-`` vs spaces and a leading ``001.``).
 Reference images for the lookup matrix come from ``--reference-root`` (same layout, e.g. the
 train split). Without it, the first ``n`` images of each class of ``ROOT`` (file-name order),
@@ -26,10 +27,8 @@ and ``config.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,11 +36,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hyperalign.common import IMAGE_SUFFIXES, atomic_write_json, atomic_write_text, to_rgb
 from vlm_tools.description_selection import DescriptionSelector, SelectionConfig
 from vlm_tools.descriptions import DescriptionPool, load_pool
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-
 
 # ---------------------------------------------------------------------------------------------
 # Image folders
@@ -72,9 +69,7 @@ def scan_image_folder(root: str | os.PathLike) -> ImageFolder:
     paths, labels, empty = [], [], []
     for c, name in enumerate(classes):
         files = sorted(
-            f
-            for f in (root / name).iterdir()
-            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+            f for f in (root / name).iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
         )
         if not files:
             empty.append(name)
@@ -82,26 +77,30 @@ def scan_image_folder(root: str | os.PathLike) -> ImageFolder:
         labels += [c] * len(files)
     if empty:
         raise ValueError(
-            f"class folders without images ({', '.join(IMAGE_EXTENSIONS)}) in "
-            f"{str(root)!r}: {empty}"
+            f"class folders without images ({', '.join(IMAGE_SUFFIXES)}) in {str(root)!r}: {empty}"
         )
     return ImageFolder(classes, paths, labels)
 
 
 def load_image(path: Path, size: tuple[int, int]) -> torch.Tensor:
-    """RGB image -> ``(3, h, w)`` in [0, 1]: shorter side resized to fit (bicubic), then
-    centre-cropped (CLIP's evaluation preprocessing)."""
-    from PIL import Image
+    """Image file -> ``(3, h, w)`` in [0, 1]: decoded as :func:`hyperalign.common.to_rgb` does
+    (EXIF orientation, alpha on white), shorter side resized to fit (bicubic), then
+    centre-cropped (CLIP's evaluation preprocessing). Undecodable files raise ``ValueError``
+    naming the file."""
+    from PIL import Image, UnidentifiedImageError
 
     h, w = size
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        scale = max(h / im.height, w / im.width)
-        new = (max(w, round(im.width * scale)), max(h, round(im.height * scale)))
-        im = im.resize(new, Image.BICUBIC)
-        left, top = (new[0] - w) // 2, (new[1] - h) // 2
-        im = im.crop((left, top, left + w, top + h))
-        arr = np.asarray(im, dtype=np.float32) / 255.0  # (h, w, 3)
+    try:
+        with Image.open(path) as im:
+            im = to_rgb(im)  # a decoded copy: valid after the file is closed
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"cannot decode image {path}: {err}") from err
+    scale = max(h / im.height, w / im.width)
+    new = (max(w, round(im.width * scale)), max(h, round(im.height * scale)))
+    im = im.resize(new, Image.BICUBIC)
+    left, top = (new[0] - w) // 2, (new[1] - h) // 2
+    im = im.crop((left, top, left + w, top + h))
+    arr = np.asarray(im, dtype=np.float32) / 255.0  # (h, w, 3)
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # (3, h, w)
 
 
@@ -262,14 +261,6 @@ def selection_markdown(per_class: dict[str, dict], title: str) -> str:
     return "\n".join(lines)
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Atomic text write (temp file in the same folder + os.replace)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------------------------
 # Command line
 
@@ -311,54 +302,68 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=256, help="images per CLIP forward")
 
 
-def run(args: argparse.Namespace) -> int:
-    from reward.backbone import load_backbone
+@dataclass
+class ReferenceSplit:
+    """Reference images (for the lookup matrix) and evaluation images, with class indices
+    into the evaluated folder's ``classnames``."""
 
-    sweep = parse_sweep(args.w_cls)
-    pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
-    folder = scan_image_folder(args.root)
-    pool: DescriptionPool = load_pool(args.pool, fallback=args.fallback_pool)
-    pool = pool.for_classes(folder.classnames)  # raises, listing classes missing from the pool
-    labels = torch.tensor(folder.labels)
-    if args.reference_root is not None:
-        ref = scan_image_folder(args.reference_root)
+    ref_paths: list[Path]
+    ref_labels: list[int]
+    eval_paths: list[Path]
+    eval_labels: list[int]
+    n_reference: int
+    """References per class asked of the selector."""
+
+
+def split_references(
+    folder: ImageFolder, reference_root: str | None, n_reference: int
+) -> ReferenceSplit:
+    """References from ``reference_root`` (same layout; classes outside ``folder`` ignored),
+    else the first ``min(n_reference, half the smallest class)`` images of every class of
+    ``folder`` (the rest is evaluated)."""
+    if reference_root is not None:
+        ref = scan_image_folder(reference_root)
         missing = sorted(set(folder.classnames) - set(ref.classnames))
         if missing:
             raise ValueError(f"classes with no folder in --reference-root: {missing}")
         keep = [i for i, c in enumerate(ref.labels) if ref.classnames[c] in folder.classnames]
-        ref_paths = [ref.paths[i] for i in keep]
-        ref_labels = [folder.classnames.index(ref.classnames[ref.labels[i]]) for i in keep]
-        eval_paths, eval_labels = folder.paths, folder.labels
-        n_ref = args.n_reference
-    else:
-        smallest = int(torch.bincount(labels).min())
-        if smallest < 2:
-            raise ValueError(
-                "without --reference-root every class needs >= 2 images (half are "
-                "references); add images or pass --reference-root"
-            )
-        n_ref = min(args.n_reference, smallest // 2)
-        is_ref = torch.zeros(len(labels), dtype=torch.bool)
-        for c in range(len(folder.classnames)):
-            is_ref[torch.nonzero(labels == c).flatten()[:n_ref]] = True
-        ref_paths = [p for p, r in zip(folder.paths, is_ref.tolist()) if r]
-        ref_labels = labels[is_ref].tolist()
-        eval_paths = [p for p, r in zip(folder.paths, is_ref.tolist()) if not r]
-        eval_labels = labels[~is_ref].tolist()
-
-    config = SelectionConfig(k=args.k, m=args.m, n_reference=n_ref, batch_size=args.batch_size)
-    backbone = load_backbone(args.backbone, pretrained, device=args.device)
-    selector = DescriptionSelector(backbone, pool, config, device=args.device)
-    print(
-        f"{len(pool.classnames)} classes, {len(pool.descriptions)} distinct descriptions, "
-        f"{len(ref_paths)} reference and {len(eval_paths)} evaluation images",
-        file=sys.stderr,
+        return ReferenceSplit(
+            ref_paths=[ref.paths[i] for i in keep],
+            ref_labels=[folder.classnames.index(ref.classnames[ref.labels[i]]) for i in keep],
+            eval_paths=folder.paths,
+            eval_labels=folder.labels,
+            n_reference=n_reference,
+        )
+    labels = torch.tensor(folder.labels)
+    smallest = int(torch.bincount(labels).min())
+    if smallest < 2:
+        raise ValueError(
+            "without --reference-root every class needs >= 2 images (half are "
+            "references); add images or pass --reference-root"
+        )
+    n_ref = min(n_reference, smallest // 2)
+    is_ref = torch.zeros(len(labels), dtype=torch.bool)
+    for c in range(len(folder.classnames)):
+        is_ref[torch.nonzero(labels == c).flatten()[:n_ref]] = True
+    flags = is_ref.tolist()
+    return ReferenceSplit(
+        ref_paths=[p for p, r in zip(folder.paths, flags) if r],
+        ref_labels=labels[is_ref].tolist(),
+        eval_paths=[p for p, r in zip(folder.paths, flags) if not r],
+        eval_labels=labels[~is_ref].tolist(),
+        n_reference=n_ref,
     )
-    ref_emb, ref_lab = encode_folder(selector, ref_paths, ref_labels)
-    selector.fit(ref_emb, ref_lab)
-    emb, lab = encode_folder(selector, eval_paths, eval_labels)
-    result, selection = evaluate(selector, emb, lab, sweep)
 
+
+def write_outputs(
+    args: argparse.Namespace,
+    folder: ImageFolder,
+    split: ReferenceSplit,
+    selector: DescriptionSelector,
+    result: EvalResult,
+    selection,
+) -> Path:
+    """Write accuracy, selected descriptions, config and lookup matrix to ``args.out``."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     title = f"Selected descriptions: {Path(args.root).name}, pool {Path(args.pool).name}"
@@ -368,22 +373,51 @@ def run(args: argparse.Namespace) -> int:
             "label": folder.classnames[lbl],
             "candidates": selector.selected_texts(selection, i),
         }
-        for i, (p, lbl) in enumerate(zip(eval_paths, eval_labels))
+        for i, (p, lbl) in enumerate(zip(split.eval_paths, split.eval_labels))
     }
-    _write_text(out / "accuracy.md", accuracy_markdown(result) + "\n")
-    _write_text(out / "accuracy.json", json.dumps(asdict(result), indent=2))
-    _write_text(
-        out / "selected_descriptions.json",
-        json.dumps({"per_class": per_class, "per_image": per_image}, indent=2),
+    atomic_write_text(out / "accuracy.md", accuracy_markdown(result) + "\n")
+    atomic_write_json(out / "accuracy.json", asdict(result))
+    atomic_write_json(
+        out / "selected_descriptions.json", {"per_class": per_class, "per_image": per_image}
     )
-    _write_text(out / "selected_descriptions.md", selection_markdown(per_class, title))
+    atomic_write_text(out / "selected_descriptions.md", selection_markdown(per_class, title))
+    plain = lambda v: v if isinstance(v, str | int | float | bool | type(None)) else str(v)
     resolved = {
-        **vars(args),
+        **{k: plain(v) for k, v in vars(args).items()},
         "n_reference_used": selector.n_reference_used,
-        "selection": asdict(config),
+        "selection": asdict(selector.config),
     }
-    _write_text(out / "config.json", json.dumps(resolved, indent=2, default=str))
+    atomic_write_json(out / "config.json", resolved)
     selector.save_lookup(out / "lookup.safetensors")
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate every method on ``args.root``, write the outputs, print the summary."""
+    from reward.backbone import load_backbone
+
+    sweep = parse_sweep(args.w_cls)
+    pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
+    folder = scan_image_folder(args.root)
+    pool: DescriptionPool = load_pool(args.pool, fallback=args.fallback_pool)
+    pool = pool.for_classes(folder.classnames)  # raises, listing classes missing from the pool
+    split = split_references(folder, args.reference_root, args.n_reference)
+
+    config = SelectionConfig(
+        k=args.k, m=args.m, n_reference=split.n_reference, batch_size=args.batch_size
+    )
+    backbone = load_backbone(args.backbone, pretrained, device=args.device)
+    selector = DescriptionSelector(backbone, pool, config, device=args.device)
+    print(
+        f"{len(pool.classnames)} classes, {len(pool.descriptions)} distinct descriptions, "
+        f"{len(split.ref_paths)} reference and {len(split.eval_paths)} evaluation images",
+        file=sys.stderr,
+    )
+    ref_emb, ref_lab = encode_folder(selector, split.ref_paths, split.ref_labels)
+    selector.fit(ref_emb, ref_lab)
+    emb, lab = encode_folder(selector, split.eval_paths, split.eval_labels)
+    result, selection = evaluate(selector, emb, lab, sweep)
+    out = write_outputs(args, folder, split, selector, result, selection)
 
     print(accuracy_markdown(result, summary_rows(result)))
     print(

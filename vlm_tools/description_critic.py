@@ -11,7 +11,7 @@ classname-free (``w_cls * cos(img, "A photo of a {c}.") + mean cos(img, selected
 descriptions, more the named class than any look-alike. ``info`` holds the named class's
 selected descriptions and their similarities: the human-readable explanation.
 
-Reward contract (``docs/CONTRIBUTING_HELPERS.md``): ``rewards, info = critic(images, prompts,
+Reward contract (:mod:`reward.contract`): ``rewards, info = critic(images, prompts,
 metadata)``; images ``(B, 3, H, W)`` in [0, 1] on the sampling device; rewards float32 ``(B,)``
 on the images' device; ``info`` a dict of per-sample lists.
 

@@ -41,15 +41,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from hyperalign.common import atomic_write_bytes
 from vlm_tools.descriptions import DescriptionPool
 
 # ---------------------------------------------------------------------------------------------
@@ -445,11 +444,9 @@ class DescriptionSelector:
 
     def save_lookup(self, path: str | os.PathLike) -> None:
         """Write ``S`` with the pool's classes and descriptions (safetensors, atomic)."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         lookup = self._require_lookup()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {
             "classnames": json.dumps(list(self.pool.classnames)),
             "descriptions": json.dumps(list(self.pool.descriptions)),
@@ -457,10 +454,8 @@ class DescriptionSelector:
             "config": json.dumps(asdict(self.config)),
             "embed_dim": str(int(self.description_emb.shape[1])),
         }
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            tmp_file = Path(tmp) / path.name
-            save_file({"lookup": lookup.detach().float().cpu().contiguous()}, str(tmp_file), meta)
-            os.replace(tmp_file, path)
+        data = save({"lookup": lookup.detach().float().cpu().contiguous()}, meta)
+        atomic_write_bytes(path, data)
 
     @staticmethod
     def lookup_classnames(path: str | os.PathLike) -> list[str]:

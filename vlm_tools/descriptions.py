@@ -31,19 +31,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-SHARED_DATA_ENV = "HYPERALIGN_SHARED_DATA"
-"""Environment variable naming the shared data directory (default ``<repo>/../shared/data``)."""
+from hyperalign.common import SHARED_DATA_ENV, shared_data_dir
 
 _NUMERIC_PREFIX = re.compile(r"^\d+[._ -]+")
-
-
-def shared_data_dir() -> Path:
-    """The shared reference-data directory: ``$HYPERALIGN_SHARED_DATA`` or
-    ``<repo>/../shared/data`` (it may not exist; callers check)."""
-    env = os.environ.get(SHARED_DATA_ENV)
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def normalize_classname(name: str) -> str:

@@ -6,7 +6,6 @@ Usage::
                              [--heatmaps runs/heat] [--out scores.csv]
     hyperalign llava score   --pairs pairs.csv            # columns: image,prompt
     hyperalign llava masking --pairs pairs.csv --answer Yes --out-dir runs/masking
-    python -m vlm_tools.llava_cli score ...              # same, without the dispatcher
 
 Model: ``--model`` hub id (default llava-hf/llava-1.5-7b-hf) or local directory, with
 ``--device`` and ``--dtype``. ``--tiny`` uses a random tiny LLaVA (smoke tests only:
@@ -17,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from hyperalign.common import DTYPE_CHOICES, atomic_write_text, list_images, load_image, parse_dtype
 from vlm_tools.contrastive_attention import (
     LLAVA15_POST_LAYER,
     MASKING_MODES,
@@ -31,13 +32,10 @@ from vlm_tools.contrastive_attention import (
 )
 from vlm_tools.llava_critic import (
     DEFAULT_LLAVA,
-    DTYPES,
     LlavaCritic,
     LlavaCriticConfig,
     resize_center_crop,
 )
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -45,6 +43,15 @@ def _int_list(text: str) -> tuple[int, ...]:
         return tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
+
+
+def _dtype_name(text: str) -> str:
+    """A dtype name :func:`~hyperalign.common.parse_dtype` reads (fp16, float16, bf16, ...)."""
+    try:
+        parse_dtype(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+    return text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,8 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         m = p.add_argument_group("model")
         m.add_argument("--model", default=DEFAULT_LLAVA, help="hub id or local directory")
         m.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-        m.add_argument("--dtype", default=None, choices=sorted(DTYPES),
-                       help="default float32 on CPU, float16 elsewhere")  # fmt: skip
+        m.add_argument("--dtype", default=None, type=_dtype_name,
+                       help=f"{', '.join(DTYPE_CHOICES)} (or float32, float16, bfloat16); "
+                       "default fp32 on CPU, fp16 elsewhere")  # fmt: skip
         m.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass")
         m.add_argument("--tiny", action="store_true", help="random tiny LLaVA (smoke test)")
         c = p.add_argument_group("contrastive attention")
@@ -80,26 +88,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     masking.add_argument("--out-dir", type=Path, required=True, help="for masking_curve.csv/.png")
 
 
-def _list_images(paths: Sequence[Path]) -> list[Path]:
-    files: list[Path] = []
-    for p in paths:
-        if p.is_dir():
-            files += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise FileNotFoundError(f"image path {p} does not exist")
-    if not files:
-        raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {paths}")
-    return files
-
-
 def read_pairs(args: argparse.Namespace) -> tuple[list[Path], list[str]]:
     """Image paths and prompts from ``--pairs`` or ``--images`` + ``--prompt``."""
     if args.pairs is not None:
         if args.images or args.prompt:
             raise ValueError("give either --pairs or --images/--prompt, not both")
-        with open(args.pairs, newline="") as f:
+        with open(args.pairs, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's BOM
             rows = list(csv.DictReader(f))
         if not rows or not {"image", "prompt"} <= set(rows[0]):
             raise ValueError(f"{args.pairs} needs a header with columns 'image' and 'prompt'")
@@ -109,25 +103,20 @@ def read_pairs(args: argparse.Namespace) -> tuple[list[Path], list[str]]:
         return paths, [r["prompt"] for r in rows]
     if not args.images or args.prompt is None:
         raise ValueError("give --pairs CSV, or --images with --prompt")
-    files = _list_images(args.images)
+    files = list_images(args.images)
     return files, [args.prompt] * len(files)
 
 
 def load_images(paths: Sequence[Path], size: int) -> torch.Tensor:
-    """Load RGB images, resize + centre-crop each to ``size``² -> (B, 3, S, S) in [0, 1]."""
-    import numpy as np
-    from PIL import Image
-
-    out = []
-    for p in paths:
-        arr = np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3)
-        img = torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)  # (1, 3, H, W)
-        out.append(resize_center_crop(img, size))
+    """Decode images (:func:`hyperalign.common.load_image`: RGB, alpha on white), resize +
+    centre-crop each to ``size``² -> (B, 3, S, S) in [0, 1]."""
+    out = [resize_center_crop(load_image(p).unsqueeze(0), size) for p in paths]  # (1, 3, S, S)
     return torch.cat(out)  # (B, 3, S, S)
 
 
 def build_critic(args: argparse.Namespace, refine: bool = True) -> LlavaCritic:
-    dtype = args.dtype or ("float32" if args.device == "cpu" else "float16")
+    """The critic the command line describes (``--tiny``: a random tiny LLaVA)."""
+    dtype = args.dtype or ("fp32" if args.device == "cpu" else "fp16")
     contrastive = ContrastiveAttentionConfig(
         post_layer=args.post_layer,
         candidate_layers=args.candidate_layers,
@@ -147,7 +136,7 @@ def build_critic(args: argparse.Namespace, refine: bool = True) -> LlavaCritic:
     if args.tiny:
         from vlm_tools.tiny import build_tiny_llava
 
-        model, processor = build_tiny_llava(dtype=DTYPES[dtype])
+        model, processor = build_tiny_llava(dtype=parse_dtype(dtype))
         return LlavaCritic(cfg, model.to(args.device), processor)
     return LlavaCritic(cfg)
 
@@ -167,16 +156,14 @@ def _run_score(args: argparse.Namespace) -> int:
         if "llava_heatmap" in info:
             row["heatmap"] = info["llava_heatmap"][j]
         rows.append(row)
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=cols)
+    w.writeheader()
+    w.writerows(rows)
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=cols)
-            w.writeheader()
-            w.writerows(rows)
+        atomic_write_text(args.out, text.getvalue())
     else:
-        w = csv.DictWriter(sys.stdout, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
+        sys.stdout.write(text.getvalue())
     print(
         f"scored {len(rows)} pairs, refine={'off' if args.no_refine else 'on'}: "
         f"mean P(Yes) = {rewards.mean().item():.4f}",
@@ -199,13 +186,14 @@ def write_masking_outputs(
     d = drop.float().cpu()  # (L, B)
     mean, std = d.mean(1), d.std(1, unbiased=False)
     csv_path, png_path = out_dir / "masking_curve.csv", out_dir / "masking_curve.png"
-    with open(csv_path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["layer", "mean_logp_drop", "std_logp_drop", "min_drop", "max_drop", "n",
-                    "mean_base_logp"])  # fmt: skip
-        for i, layer in enumerate(layers):
-            w.writerow([layer, f"{mean[i]:.6g}", f"{std[i]:.6g}", f"{d[i].min():.6g}",
-                        f"{d[i].max():.6g}", d.shape[1], f"{base.mean():.6g}"])  # fmt: skip
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(["layer", "mean_logp_drop", "std_logp_drop", "min_drop", "max_drop", "n",
+                "mean_base_logp"])  # fmt: skip
+    for i, layer in enumerate(layers):
+        w.writerow([layer, f"{mean[i]:.6g}", f"{std[i]:.6g}", f"{d[i].min():.6g}",
+                    f"{d[i].max():.6g}", d.shape[1], f"{base.mean():.6g}"])  # fmt: skip
+    atomic_write_text(csv_path, text.getvalue())
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.plot(layers, mean.numpy(), marker="o", label="mean drop")
     ax.fill_between(layers, (mean - std).numpy(), (mean + std).numpy(), alpha=0.25, label="±1 std")

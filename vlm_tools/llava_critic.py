@@ -1,6 +1,6 @@
 """LLaVA critic: VQAScore-style ``P("Yes")`` with optional contrastive-attention refinement.
 
-Reward contract (see ``../shared/design/rlhf.md``)::
+Reward contract (:mod:`reward.contract`)::
 
     rewards, info = critic(images, prompts, metadata)
 
@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from hyperalign.common import parse_dtype, save_png
 from vlm_tools.contrastive_attention import (
     ContrastiveAttentionConfig,
     ContrastiveRefinement,
@@ -34,7 +35,6 @@ from vlm_tools.contrastive_attention import (
 )
 
 DEFAULT_LLAVA = "llava-hf/llava-1.5-7b-hf"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -46,7 +46,8 @@ class LlavaCriticConfig:
     device: str = "cpu"
     """Device to load the model on ("cpu", "cuda", "cuda:1", ...)."""
     dtype: str = "float32"
-    """Weights dtype: float32 (CPU default), float16 or bfloat16 (GPU)."""
+    """Weights dtype, any name :func:`hyperalign.common.parse_dtype` reads: float32/fp32 (CPU
+    default), float16/fp16 or bfloat16/bf16 (GPU)."""
     attn_implementation: str = "sdpa"
     """transformers attention kernel; capture does not need "eager" (it recomputes one row)."""
     batch_size: int = 8
@@ -158,7 +159,6 @@ def preprocess_images(
 def save_heatmap_overlay(image: torch.Tensor, ia: torch.Tensor, path: str | Path, alpha=0.5):
     """Save ``IA`` (N,) on a √N×√N patch grid as a heat-map over ``image`` (3,H,W) in [0,1]."""
     import matplotlib
-    from PIL import Image
 
     n = ia.numel()
     g = math.isqrt(n)
@@ -172,10 +172,7 @@ def save_heatmap_overlay(image: torch.Tensor, ia: torch.Tensor, path: str | Path
     rgb = torch.from_numpy(matplotlib.colormaps["jet"](heat.numpy())[..., :3]).float()
     base = image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0)  # (H, W, 3)
     out = ((1 - alpha) * base + alpha * rgb).clamp(0, 1)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(path).with_suffix(".tmp.png")
-    Image.fromarray((out.numpy() * 255).round().astype("uint8")).save(tmp)
-    os.replace(tmp, path)
+    save_png((out.numpy() * 255).round().astype("uint8"), path)  # (H, W, 3) uint8, atomic
 
 
 class LlavaCritic:
@@ -191,12 +188,10 @@ class LlavaCritic:
             raise ValueError("pass both model and processor, or neither (then config.model)")
         self._loaded_from_config = model is None
         if model is None:
-            if self.config.dtype not in DTYPES:
-                raise ValueError(f"unknown dtype {self.config.dtype!r}; valid: {sorted(DTYPES)}")
             model, processor = load_llava(
                 self.config.model,
                 self.config.device,
-                DTYPES[self.config.dtype],
+                parse_dtype(self.config.dtype),  # raises, listing the valid names
                 self.config.attn_implementation,
             )
         self.model, self.processor = model.eval(), processor
@@ -247,7 +242,7 @@ class LlavaCritic:
         if model_config is None:
             cfg = self.config
             self.model, _ = load_llava(
-                cfg.model, cfg.device, DTYPES[cfg.dtype], cfg.attn_implementation
+                cfg.model, cfg.device, parse_dtype(cfg.dtype), cfg.attn_implementation
             )
         else:
             model = LlavaForConditionalGeneration(model_config)
@@ -291,10 +286,10 @@ class LlavaCritic:
 
     # --------------------------------------------------------------- scoring
     @torch.no_grad()
-    def score(
+    def score_batch(
         self, images: torch.Tensor, prompts: Sequence[str], refine: bool | None = None
     ) -> dict:
-        """Score one batch. Returns p_yes (B,) float32 on the model's device, and, when the
+        """Score one batch (not differentiable, so not the reward contract's ``score``). Returns p_yes (B,) float32 on the model's device, and, when the
         maps were computed, ia (B, N), i_star (B,)."""
         refine = self.config.refine if refine is None else refine
         need_maps = refine or self.config.heatmap_dir is not None
@@ -373,7 +368,7 @@ class LlavaCritic:
         bs = self.config.batch_size
         for start in range(0, b, bs):
             chunk = images[start : start + bs]
-            res = self.score(chunk, list(prompts[start : start + bs]))
+            res = self.score_batch(chunk, list(prompts[start : start + bs]))
             p_yes.append(res["p_yes"])
             if "i_star" in res:
                 i_star += res["i_star"].tolist()

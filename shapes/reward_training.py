@@ -1,0 +1,374 @@
+"""HyperAlign on the shapes-world MOS with the tiny shapes CLIP: the results table and the shipped
+``"shapes"`` reward.
+
+Per seed ``s`` (:func:`run_seed`): the shapes dataset with master seed ``s``
+(:mod:`shapes.dataset`: prompt-disjoint train/val/test, PNG + CSV ``image,prompt,score,...``)
+is built under ``<out>/data_<s>`` (kept and reused), the frozen CLIP features of every image
+and prompt are computed once (:func:`encode`), and each row of :data:`ROWS` is trained on the
+training prompts with seed ``s`` (:func:`fit`), early-stopped on validation SRCC and scored on
+the test prompts:
+
+- ``zero-shot cosine``: cosine of the raw CLIP features (the CLIPScore analogue; no training);
+- ``calibrated cosine``: gated adapters + ``alpha * cos + beta`` (no cone, no regressor;
+  ``reward.train.ABLATIONS["baseline"]``);
+- ``full HyperAlign``, and the ablations ``no entailment loss`` (``ent_weight = 0``),
+  ``static cone`` (``a_shrink = 0``) and ``no regressor`` (``regressor = False``).
+
+The backbone is frozen (``tuning = "adapter"``), so a model's output on an image is
+``head(adapter(f_clip(image)), adapter(f_clip(prompt)))`` with ``f_clip`` fixed: training on
+cached ``f_clip`` features is the same computation as ``reward.train``'s loop on images (same
+losses ``reward.losses.hyperalign_loss``, same parameter groups ``reward.train.param_groups``,
+the same optimiser and early stopping), only without re-encoding every image every epoch.
+Metrics are ``reward.metrics.iqa_metrics`` against the MOS (PLCC after the 4-parameter logistic
+fit, and raw). :func:`run_experiment` writes ``<out>/results.json`` and ``<out>/results.md``
+(test mean ± std over seeds) and can ship the full HyperAlign with the best validation SRCC
+(``shapes/assets/reward`` is what ``build_reward("shapes")`` loads;
+``scripts/train_shapes_hyperalign.py`` rebuilds it).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hyperalign.common import atomic_write_bytes, atomic_write_json, atomic_write_text, load_image
+from reward.config import HyperAlignConfig
+from reward.losses import hyperalign_loss
+from reward.metrics import iqa_metrics, mean_std
+from reward.model import HyperAlign
+from reward.train import ABLATIONS, TrainConfig, param_groups
+from shapes.assets import register_clip_config
+from shapes.dataset import SPLITS, ShapesDatasetConfig, build_dataset, load_split
+
+__all__ = [
+    "CLIP_FILE",
+    "METRICS",
+    "ROWS",
+    "ShapesHyperAlignConfig",
+    "encode",
+    "fit",
+    "format_results",
+    "predict",
+    "run_experiment",
+    "run_seed",
+]
+
+CLIP_FILE = "clip.safetensors"
+"""Name of the CLIP weights inside a run folder's ``clip/`` and a shipped checkpoint."""
+ROWS: dict[str, dict | None] = {
+    "zero-shot cosine": None,
+    "calibrated cosine": ABLATIONS["baseline"],
+    "full HyperAlign": ABLATIONS["full"],
+    "no entailment loss": ABLATIONS["no-entailment"],
+    "static cone": ABLATIONS["static-cone"],
+    "no regressor": ABLATIONS["no-regressor"],
+}
+"""Table rows: name -> HyperAlignConfig overrides (``None``: zero-shot cosine, no training)."""
+METRICS = ("srcc", "plcc_logistic", "plcc")
+"""Columns of the table."""
+
+
+@dataclass
+class ShapesHyperAlignConfig:
+    """What this benchmark trains; the model-side fields are HyperAlignConfig's."""
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """One dataset (prompts, split, scenes, ratings) and one training seed per entry."""
+    n_prompts: int = 1000
+    """Distinct prompts per dataset (80 / 10 / 10 % train / val / test, prompt-disjoint)."""
+    epochs: int = 40
+    """Maximum epochs, early stopping on validation SRCC (the trained rows still improved
+    at 20 epochs)."""
+    patience: int = 8
+    """Stop after this many epochs without validation SRCC gain."""
+    batch_size: int = 32
+    """Pairs per optimiser step."""
+    lr_head: float = 1e-3
+    """AdamW learning rate of the scales, curvature, regressor / calibration scalars."""
+    lr_adapters: float = 1e-3
+    """AdamW learning rate of the gated adapters."""
+    adapter_width: int = 128
+    """Hidden width of each gated adapter (HyperAlignConfig.adapter_width)."""
+    reg_loss: str = "mse"
+    """Regression loss (HyperAlignConfig.reg_loss): ``mse``, ``l1`` or ``mse+plcc``."""
+    threads: int = 1
+    """torch CPU threads (at most 2 on the shared machine)."""
+
+    def __post_init__(self) -> None:
+        self.seeds = tuple(self.seeds)
+        if not self.seeds:
+            raise ValueError("seeds needs at least one seed")
+
+
+def clip_config(cfg: ShapesHyperAlignConfig, **overrides) -> HyperAlignConfig:
+    """HyperAlign on the tiny shapes CLIP, weights ``clip.safetensors`` in the base directory."""
+    return HyperAlignConfig(
+        backbone=register_clip_config(),
+        pretrained=CLIP_FILE,
+        tuning="adapter",
+        adapter_width=cfg.adapter_width,
+        reg_loss=cfg.reg_loss,
+        **overrides,
+    )
+
+
+def load_rows(data_dir: Path) -> dict[str, list]:
+    """The rows of each split of the dataset in ``data_dir``."""
+    return {s: load_split(data_dir / f"{s}.csv") for s in SPLITS}
+
+
+@torch.no_grad()
+def encode(backbone, rows: dict[str, list], batch: int = 256) -> dict[str, dict[str, torch.Tensor]]:
+    """Raw (pre-adapter) CLIP features ``(N, D)`` of every row's image and prompt, with the
+    MOS and the true alignment ``(N,)``, per split."""
+    model = HyperAlign(
+        HyperAlignConfig(backbone=register_clip_config(), pretrained=None, tuning="frozen"),
+        backbone=backbone,
+    ).eval()
+    out = {}
+    for split, items in rows.items():
+        f_i, f_t = [], []
+        for k in range(0, len(items), batch):
+            chunk = items[k : k + batch]
+            pixels = torch.stack([load_image(r.image) for r in chunk])  # (B, 3, H, W)
+            f_i.append(model.clip.encode_image(model.preprocess(pixels)))
+            f_t.append(model.clip.encode_text(model.tokenize([r.prompt for r in chunk])))
+        out[split] = {
+            "image": torch.cat(f_i),  # (N, D)
+            "text": torch.cat(f_t),  # (N, D)
+            "mos": torch.tensor([r.score for r in items], dtype=torch.float64),
+            "alignment": torch.tensor([r.alignment for r in items], dtype=torch.float64),
+        }
+    return out
+
+
+def predict(model: HyperAlign, feats: dict[str, torch.Tensor]) -> np.ndarray:
+    """Scores ``(N,)`` of cached raw features through the adapters and the head."""
+    model.eval()
+    with torch.no_grad():
+        f_i, f_t = feats["image"], feats["text"]
+        if model.image_adapter is not None:
+            f_i, f_t = model.image_adapter(f_i), model.text_adapter(f_t)
+        return model.head(f_i, f_t).score.double().numpy()
+
+
+def _train_epoch(model, opt, params, train_feats, y, order, tcfg: TrainConfig) -> float:
+    """One pass over the training features in ``order``; returns the mean loss."""
+    model.train()
+    total = 0.0
+    for k in range(0, len(y), tcfg.batch_size):
+        idx = order[k : k + tcfg.batch_size]
+        f_i, f_t = train_feats["image"][idx], train_feats["text"][idx]
+        if model.image_adapter is not None:
+            f_i, f_t = model.image_adapter(f_i), model.text_adapter(f_t)
+        loss, parts = hyperalign_loss(model.head(f_i, f_t), y[idx], model.config)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
+        opt.step()
+        total += parts["loss"] * len(idx)
+    return total / len(y)
+
+
+def fit(
+    model_cfg: HyperAlignConfig,
+    backbone,
+    clip_dir: Path,
+    feats: dict[str, dict[str, torch.Tensor]],
+    target_range: tuple[float, float],
+    seed: int,
+    cfg: ShapesHyperAlignConfig,
+) -> tuple[HyperAlign, dict]:
+    """Train one model on cached features; returns it (best validation epoch) and its log."""
+    torch.manual_seed(seed)
+    model = HyperAlign(model_cfg, backbone=backbone, base_dir=clip_dir)
+    tcfg = TrainConfig(
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr_head=cfg.lr_head,
+        lr_adapters=cfg.lr_adapters,
+        patience=cfg.patience,
+        seed=seed,
+    )
+    groups = param_groups(model, tcfg)
+    opt = torch.optim.AdamW(groups, betas=tcfg.adam_betas)
+    params = [p for g in groups for p in g["params"]]
+    lo, hi = target_range
+    y = ((feats["train"]["mos"] - lo) / (hi - lo)).float()
+    gen = torch.Generator().manual_seed(seed)
+    best = (-np.inf, -1, None)
+    bad = 0
+    history = []
+    for epoch in range(tcfg.epochs):
+        order = torch.randperm(len(y), generator=gen)
+        train_loss = _train_epoch(model, opt, params, feats["train"], y, order, tcfg)
+        val = iqa_metrics(predict(model, feats["val"]), feats["val"]["mos"].numpy())
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_srcc": val["srcc"]})
+        if val["srcc"] > best[0] + tcfg.min_delta:
+            best = (val["srcc"], epoch, copy.deepcopy(model.trainable_state_dict()))
+            bad = 0
+        else:
+            bad += 1
+            if bad >= tcfg.patience:
+                break
+    model.load_checkpoint_state(best[2])
+    model.eval()
+    return model, {"best_epoch": best[1], "val_srcc": best[0], "history": history}
+
+
+def _dataset(seed: int, out: Path, cfg: ShapesHyperAlignConfig) -> Path:
+    """``<out>/data_<seed>``, built with master seed ``seed`` unless it is already there."""
+    data_dir = out / f"data_{seed}"
+    if not (data_dir / "test.csv").is_file():
+        t = time.time()
+        summary = build_dataset(data_dir, ShapesDatasetConfig(n_prompts=cfg.n_prompts, seed=seed))
+        print(f"seed {seed}: built {data_dir} {summary['rows']} in {time.time() - t:.0f} s")
+    return data_dir
+
+
+def _zero_shot(feats) -> dict:
+    """Test metrics of the raw CLIP cosine."""
+    f = feats["test"]
+    cos = torch.nn.functional.cosine_similarity(f["image"], f["text"], dim=-1)
+    return iqa_metrics(cos.double().numpy(), f["mos"].numpy())
+
+
+def _print_row(seed: int, name: str, result: dict, info: dict, seconds: float) -> None:
+    print(
+        f"seed {seed} {name:>20}: test SRCC {result['srcc']:.4f} PLCC "
+        f"{result['plcc_logistic']:.4f} (raw {result['plcc']:.4f})"
+        + (
+            f", best epoch {info['best_epoch'] + 1}, val SRCC {info['val_srcc']:.4f}"
+            if info
+            else ""
+        )
+        + f" [{seconds:.0f} s]",
+        flush=True,
+    )
+
+
+def run_seed(
+    seed: int,
+    clip_path: Path,
+    out: Path,
+    cfg: ShapesHyperAlignConfig,
+    rows_wanted: tuple[str, ...] = (),
+) -> tuple[dict, dict]:
+    """All rows for one seed: ``({row: test metrics}, {row: (val_srcc, model)})``."""
+    from reward.backbone import load_backbone
+
+    rows = load_rows(_dataset(seed, out, cfg))
+    mos_all = [r.score for items in rows.values() for r in items]
+    # Min-max normalisation over the whole label set (reward.data.IQADataset's convention).
+    target_range = (float(min(mos_all)), float(max(mos_all)))
+    clip_dir = clip_path.parent
+    backbone = load_backbone(register_clip_config(), clip_path.name, base_dir=clip_dir)
+    t = time.time()
+    feats = encode(backbone, rows)
+    n_pairs = sum(len(v) for v in rows.values())
+    print(f"seed {seed}: encoded {n_pairs} pairs in {time.time() - t:.0f} s")
+    test = feats["test"]
+    results, models = {}, {}
+    for name, overrides in ROWS.items():
+        if rows_wanted and name not in rows_wanted:
+            continue
+        t = time.time()
+        info = {}
+        if overrides is None:
+            results[name] = _zero_shot(feats)
+        else:
+            extra = {"dataset": "shapes", "seed": seed, "n_prompts": cfg.n_prompts, "row": name}
+            model_cfg = clip_config(cfg, target_range=target_range, extra=extra, **overrides)
+            model, info = fit(model_cfg, backbone, clip_dir, feats, target_range, seed, cfg)
+            results[name] = iqa_metrics(predict(model, test), test["mos"].numpy())
+            results[name]["srcc_vs_alignment"] = iqa_metrics(
+                predict(model, test), test["alignment"].numpy()
+            )["srcc"]
+            models[name] = (info["val_srcc"], model)
+        _print_row(seed, name, results[name], info, time.time() - t)
+    return results, models
+
+
+def format_results(per_seed: list[dict], rows=tuple(ROWS)) -> str:
+    """The Markdown table of test mean ± std over seeds."""
+    lines = [
+        f"| model ({len(per_seed)} seeds, test prompts) | SRCC | PLCC (logistic) | PLCC (raw) |",
+        "|---|---|---|---|",
+    ]
+    for name in rows:
+        ms = mean_std([r[name] for r in per_seed])
+        cells = [f"{ms[k][0]:.4f} ± {ms[k][1]:.4f}" for k in METRICS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def stage_clip(clip: Path, out: Path) -> Path:
+    """Copy the CLIP weights to ``<out>/clip/clip.safetensors`` (unless already identical):
+    checkpoints refer to their CLIP by that relative name."""
+    staged = out / "clip" / CLIP_FILE
+    data = clip.read_bytes()
+    if not staged.is_file() or staged.read_bytes() != data:
+        atomic_write_bytes(staged, data)
+        staged.chmod(0o644)  # save_pretrained copies the mode; weights are shared data
+    return staged
+
+
+def ship(model: HyperAlign, target: Path) -> None:
+    """Save ``model`` (+ its CLIP file) to ``target`` atomically via ``save_pretrained``."""
+    model.save_pretrained(target)
+    size = sum(p.stat().st_size for p in target.iterdir()) / 1e6
+    print(f"shipped {target}: {sorted(p.name for p in target.iterdir())}, {size:.1f} MB")
+
+
+def run_experiment(
+    cfg: ShapesHyperAlignConfig,
+    clip: Path,
+    out: Path,
+    rows: tuple[str, ...] = tuple(ROWS),
+    ship_to: Path | None = None,
+) -> dict:
+    """Every seed and row; writes ``results.json`` / ``results.md`` into ``out``, ships the
+    best full HyperAlign to ``ship_to`` if given, and returns the results payload."""
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        raise ValueError(f"unknown rows {unknown}; valid rows: {list(ROWS)}")
+    if ship_to is not None and "full HyperAlign" not in rows:
+        raise ValueError("shipping needs the 'full HyperAlign' row")
+    if not Path(clip).is_file():
+        raise FileNotFoundError(
+            f"CLIP weights {clip} do not exist; train them with scripts/train_shapes_clip.py"
+        )
+    torch.set_num_threads(cfg.threads)
+    staged = stage_clip(Path(clip), out)
+    per_seed, best = [], (-np.inf, None, None)
+    for seed in cfg.seeds:
+        results, models = run_seed(seed, staged, out, cfg, tuple(rows))
+        per_seed.append(results)
+        val_srcc, model = models.get("full HyperAlign", (-np.inf, None))
+        if val_srcc > best[0]:
+            best = (val_srcc, seed, model)
+    table = format_results(per_seed, rows)
+    print("\n" + table)
+    payload = {
+        "config": dataclasses.asdict(cfg),
+        "clip": str(clip),
+        "per_seed": per_seed,
+        "mean_std": {
+            name: {k: list(v) for k, v in mean_std([r[name] for r in per_seed]).items()}
+            for name in rows
+        },
+        "best_full_seed": best[1],
+    }
+    atomic_write_json(out / "results.json", payload)
+    atomic_write_text(out / "results.md", table + "\n")
+    if ship_to is not None:
+        model = best[2]
+        model.config.extra = {**model.config.extra, "val_srcc": best[0]}
+        ship(model, ship_to)
+    return payload
