@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 TUNING_MODES = ("adapter", "lora", "full", "frozen")
+ENT_LOSSES = ("one-sided", "two-sided", "membership")
+REGRESSOR_INPUTS = ("cone", "euclidean")
 
 
 _TYPE_NAMES = {float: "a number", int: "an integer", bool: "true or false", str: "a string"}
@@ -140,11 +142,25 @@ class HyperAlignConfig:
     learned scalars."""
     regressor_width: int = 32
     """Hidden width of ``M`` (3 -> width -> width -> 3, GELU) [ours]."""
+    regressor_input: str = "cone"
+    """What ``M`` reads: ``cone`` = ``Z = (distance, exterior angle, half-aperture)``;
+    ``euclidean`` = ``(theta, |u_t|, |u_i|)``, the Euclidean angle and the tangent norms that
+    determine ``Z`` (side-angle-side): the control that holds the information fixed."""
     a_shrink: float = 0.8
     """Maximum cone shrinkage of the dynamic entailment loss: a pair with target ``s`` must lie
     in the cone shrunk to ``(1 - a_shrink * s)`` of its aperture. ``0`` = static cone."""
     ent_weight: float = 0.2
     """Weight ``lambda`` of the entailment loss (``0`` = no entailment loss) [ours, MERU]."""
+    ent_loss: str = "one-sided"
+    """Form of the entailment loss, with ``delta_s = delta * (1 - a_shrink * s)``:
+    ``one-sided`` ``relu(phi - delta_s)`` (degenerate: minimised by moving texts to the origin,
+    where ``delta`` is clamped at pi/2); ``two-sided`` ``s relu(phi - delta_s) + (1 - s)
+    relu(delta_s + ent_margin - phi)``; ``membership`` ``BCE(sigmoid((delta_s - phi) /
+    ent_tau), s)`` [ours]."""
+    ent_margin: float = 0.1
+    """Margin (radians) by which a poorly aligned pair must lie outside the cone (two-sided)."""
+    ent_tau: float = 0.1
+    """Temperature (radians) of the soft cone membership (``membership``)."""
     reg_loss: str = "mse"
     """Regression loss on the predicted score: ``mse``, ``l1`` or ``mse+plcc``."""
 
@@ -172,6 +188,16 @@ class HyperAlignConfig:
             raise ValueError(f"HyperAlignConfig.a_max must be > 0, got {self.a_max}")
         if not 0 <= self.a_shrink < 1:
             raise ValueError(f"HyperAlignConfig.a_shrink must be in [0, 1), got {self.a_shrink}")
+        for name, valid in (("ent_loss", ENT_LOSSES), ("regressor_input", REGRESSOR_INPUTS)):
+            if getattr(self, name) not in valid:
+                raise ValueError(
+                    f"HyperAlignConfig.{name}={getattr(self, name)!r} is not one of {valid}"
+                )
+        if self.ent_margin < 0 or self.ent_tau <= 0:
+            raise ValueError(
+                "HyperAlignConfig needs ent_margin >= 0 and ent_tau > 0, got "
+                f"{self.ent_margin}, {self.ent_tau}"
+            )
         if self.reg_loss not in ("mse", "l1", "mse+plcc"):
             raise ValueError(
                 f"HyperAlignConfig.reg_loss={self.reg_loss!r}: use 'mse', 'l1' or 'mse+plcc'"

@@ -17,10 +17,39 @@ from .config import HyperAlignConfig
 from .model import HyperAlignOutput
 
 
-def entailment_loss(angle: Tensor, aperture: Tensor, target: Tensor, a_shrink: float) -> Tensor:
-    """``mean(relu(angle - aperture * (1 - a_shrink * target)))``; all inputs ``(B,)``."""
+def entailment_loss(
+    angle: Tensor,
+    aperture: Tensor,
+    target: Tensor,
+    a_shrink: float,
+    kind: str = "one-sided",
+    margin: float = 0.1,
+    tau: float = 0.1,
+) -> Tensor:
+    """Dynamic entailment loss; all inputs ``(B,)``, ``delta_s = aperture * (1 - a_shrink * s)``.
+
+    - ``one-sided``: ``mean(relu(phi - delta_s))``. Every pair only has to lie *inside* its
+      cone, so texts at the origin (``delta`` clamped at pi/2, ``phi`` = the Euclidean angle
+      < pi/2) satisfy it for all pairs: the loss drives the cones to collapse there.
+    - ``two-sided``: ``mean(s relu(phi - delta_s) + (1 - s) relu(delta_s + margin - phi))``:
+      well aligned pairs inside the shrunk cone, poorly aligned ones beyond its boundary.
+    - ``membership``: ``BCE(sigmoid((delta_s - phi) / tau), s)``: soft cone membership whose
+      probability is the alignment score.
+    The last two are violated at the origin by every poorly aligned pair, so they cannot be
+    minimised by collapsing the cones.
+    """
     shrunk = aperture * (1.0 - a_shrink * target)
-    return F.relu(angle - shrunk).mean()
+    if kind == "one-sided":
+        return F.relu(angle - shrunk).mean()
+    if kind == "two-sided":
+        inside = F.relu(angle - shrunk)
+        outside = F.relu(shrunk + margin - angle)
+        return (target * inside + (1.0 - target) * outside).mean()
+    if kind == "membership":
+        return F.binary_cross_entropy_with_logits((shrunk - angle) / tau, target)
+    raise ValueError(
+        f"unknown entailment loss {kind!r}; use 'one-sided', 'two-sided' or 'membership'"
+    )
 
 
 def plcc_loss(pred: Tensor, target: Tensor) -> Tensor:
@@ -51,7 +80,15 @@ def hyperalign_loss(
     total = reg
     parts = {"loss_reg": float(reg.detach())}
     if config.ent_weight > 0:
-        ent = entailment_loss(out.angle, out.aperture, target, config.a_shrink)
+        ent = entailment_loss(
+            out.angle,
+            out.aperture,
+            target,
+            config.a_shrink,
+            config.ent_loss,
+            config.ent_margin,
+            config.ent_tau,
+        )
         total = total + config.ent_weight * ent
         parts["loss_ent"] = float(ent.detach())
     parts["loss"] = float(total.detach())

@@ -33,6 +33,8 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_TAG = "hyperalign/1"
 _SOFTPLUS_INV_1 = math.log(math.e - 1.0)  # softplus(x) = 1 at this x
+# arccos clamp of the Euclidean control (its slope is infinite at +-1; as reward.lorentz).
+_EPS32 = 1e-6
 
 
 @dataclass
@@ -236,7 +238,13 @@ class HyperAlign(nn.Module):
             angle = lorentz.exterior_angle(x_t, x_i, c)
             aperture = lorentz.half_aperture(x_t, c, cfg.k)
             if cfg.regressor:
-                z = torch.stack([dist, angle, aperture], dim=-1)  # (B, 3)
+                if cfg.regressor_input == "euclidean":  # the same information, Euclidean form
+                    theta = torch.arccos(s_base.clamp(-1 + _EPS32, 1 - _EPS32))
+                    u_t = (a_t * f_t).norm(dim=-1)
+                    u_i = (a_i * f_i).norm(dim=-1)
+                    z = torch.stack([theta, u_t, u_i], dim=-1)  # (B, 3)
+                else:
+                    z = torch.stack([dist, angle, aperture], dim=-1)  # (B, 3)
                 alpha, beta, gamma = self.regressor(z)
             else:
                 alpha = F.softplus(self.calib_alpha.float()).expand_as(s_base)

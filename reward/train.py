@@ -54,7 +54,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from hyperalign.common import atomic_write_bytes, atomic_write_json, atomic_write_text, recover_dir
 
-from .config import HyperAlignConfig
+from .config import ENT_LOSSES, REGRESSOR_INPUTS, HyperAlignConfig
 from .data import (
     IQADataset,
     PairDataset,
@@ -205,6 +205,10 @@ ABLATIONS: dict[str, dict] = {
     "static-cone": {"a_shrink": 0.0},
     "no-regressor": {"regressor": False},
     "baseline": {"ent_weight": 0.0, "regressor": False},
+    "two-sided": {"ent_loss": "two-sided"},
+    "membership": {"ent_loss": "membership"},
+    "euclidean-two-sided": {"ent_loss": "two-sided", "regressor_input": "euclidean"},
+    "euclidean-membership": {"ent_loss": "membership", "regressor_input": "euclidean"},
 }
 
 
@@ -827,6 +831,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="ablation: calibrated cosine instead of the modulation regressor",
     )
+    model.add_argument(
+        "--ent-loss",
+        choices=ENT_LOSSES,
+        default=None,
+        help="entailment loss form (HyperAlignConfig.ent_loss; default one-sided)",
+    )
+    model.add_argument(
+        "--regressor-input",
+        choices=REGRESSOR_INPUTS,
+        default=None,
+        help="what the regressor reads: cone geometry, or the Euclidean control",
+    )
 
     train_group = parser.add_argument_group("training (TrainConfig)")
     for f in dataclasses.fields(TrainConfig):
@@ -881,6 +897,9 @@ def configs_from_args(args: argparse.Namespace) -> tuple[HyperAlignConfig, Train
         overrides["a_shrink"] = 0.0
     if args.no_regressor:
         overrides["regressor"] = False
+    for name in ("ent_loss", "regressor_input"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
     model_config = HyperAlignConfig.from_dict(overrides)
     train_config = TrainConfig(
         **{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}

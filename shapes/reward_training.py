@@ -13,6 +13,8 @@ the test prompts:
   ``reward.train.ABLATIONS["baseline"]``);
 - ``full HyperAlign``, and the ablations ``no entailment loss`` (``ent_weight = 0``),
   ``static cone`` (``a_shrink = 0``) and ``no regressor`` (``regressor = False``).
+The losses without a degenerate solution and the Euclidean control are rows of
+:mod:`shapes.geometry_experiment`.
 
 The backbone is frozen (``tuning = "adapter"``), so a model's output on an image is
 ``head(adapter(f_clip(image)), adapter(f_clip(prompt)))`` with ``f_clip`` fixed: training on

@@ -1,0 +1,272 @@
+"""The pre-registered geometry experiment (``docs/experiments/geometry.md``).
+
+Per seed, every row of :data:`EXPERIMENT_ROWS` is trained on that seed's shapes dataset with
+:func:`shapes.reward_training.fit` (cached CLIP features, early stopping on validation MOS
+SRCC) and judged on its test prompts by :func:`analyse_predictions` (SRCC vs true alignment,
+mean within-prompt SRCC, MOS SRCC, pairwise accuracy per perturbation group) and
+:func:`geometry_diagnostics` (share of clamped apertures, aperture std across prompts,
+corr(angle, theta)). :func:`contrasts` compares rows paired by seed: t-interval, Wilcoxon
+signed-rank test, Holm correction.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from scipy import stats
+
+from reward.metrics import iqa_metrics
+from reward.model import HyperAlign
+from reward.train import ABLATIONS
+
+EXPERIMENT_ROWS: dict[str, dict | None] = {
+    "zero-shot cosine": None,
+    "calibrated cosine": ABLATIONS["baseline"],
+    "full, one-sided": ABLATIONS["full"],
+    "full, two-sided": ABLATIONS["two-sided"],
+    "full, membership": ABLATIONS["membership"],
+    "Euclidean control, two-sided": ABLATIONS["euclidean-two-sided"],
+    "Euclidean control, membership": ABLATIONS["euclidean-membership"],
+    "no entailment loss": ABLATIONS["no-entailment"],
+    "static cone, two-sided": {"ent_loss": "two-sided", "a_shrink": 0.0},
+    "static cone, membership": {"ent_loss": "membership", "a_shrink": 0.0},
+}
+"""Row name -> HyperAlignConfig overrides (``None``: the raw CLIP cosine, no training)."""
+
+GROUPS = {
+    "subset": ("missing_object",),
+    "superset": ("extra_object",),
+    "count": ("wrong_count",),
+    "substitution": ("color_swap", "shape_swap", "size_change", "relation_flip", "binding_swap"),
+}
+"""Perturbation kinds grouped as in the protocol (``wrong_count`` is not split by direction)."""
+
+CLAMPED_APERTURE = math.asin(1 - 1e-6) - 1e-4
+"""Half-apertures at or above this are at the clamp of ``reward.lorentz.half_aperture``."""
+
+
+def within_prompt_srcc(pred: np.ndarray, truth: np.ndarray, prompts: Sequence[str]) -> float:
+    """Mean over prompts of the Spearman correlation of ``pred`` and ``truth`` among that
+    prompt's images (prompts whose truth is constant are skipped)."""
+    groups = defaultdict(list)
+    for k, p in enumerate(prompts):
+        groups[p].append(k)
+    values = []
+    for idx in groups.values():
+        if len(idx) >= 3 and np.ptp(truth[idx]) > 0:
+            rho = stats.spearmanr(pred[idx], truth[idx]).statistic
+            if np.isfinite(rho):
+                values.append(rho)
+    return float(np.mean(values)) if values else float("nan")
+
+
+def pairwise_accuracy(pred: np.ndarray, rows: Sequence) -> dict[str, float]:
+    """Share of (faithful, perturbed) pairs of one prompt where the faithful scene scores
+    higher (ties count half), per kind and per group of :data:`GROUPS`."""
+    by_prompt = defaultdict(lambda: {"faithful": [], "other": []})
+    for k, r in enumerate(rows):
+        slot = "faithful" if r.perturbation == "faithful" else "other"
+        by_prompt[r.prompt][slot].append(k)
+    wins = defaultdict(list)
+    for entry in by_prompt.values():
+        for j in entry["other"]:
+            kind = rows[j].perturbation
+            for i in entry["faithful"]:
+                wins[kind].append(1.0 if pred[i] > pred[j] else 0.5 if pred[i] == pred[j] else 0.0)
+    out = {f"acc_{kind}": float(np.mean(v)) for kind, v in wins.items() if "+" not in kind}
+    for group, kinds in GROUPS.items():
+        pooled = [w for kind in kinds for w in wins.get(kind, [])]
+        out[f"acc_{group}"] = float(np.mean(pooled)) if pooled else float("nan")
+    return out
+
+
+def analyse_predictions(pred: np.ndarray, feats: dict, rows: Sequence) -> dict[str, float]:
+    """The protocol's metrics of one model's test predictions ``pred`` ``(N,)``."""
+    truth = feats["alignment"].numpy()
+    prompts = [r.prompt for r in rows]
+    out = {
+        "srcc_alignment": float(stats.spearmanr(pred, truth).statistic),
+        "within_prompt_srcc": within_prompt_srcc(pred, truth, prompts),
+        "srcc_mos": iqa_metrics(pred, feats["mos"].numpy())["srcc"],
+    }
+    out.update(pairwise_accuracy(pred, rows))
+    return out
+
+
+@torch.no_grad()
+def geometry_diagnostics(model: HyperAlign, feats: dict, prompts: Sequence[str]) -> dict:
+    """Clamped-aperture share and aperture std over distinct prompts; corr(angle, theta)."""
+    model.eval()
+    f_i, f_t = feats["image"], feats["text"]
+    if model.image_adapter is not None:
+        f_i, f_t = model.image_adapter(f_i), model.text_adapter(f_t)
+    out = model.head(f_i, f_t)
+    first = {}
+    for k, p in enumerate(prompts):
+        first.setdefault(p, k)
+    aperture = out.aperture[list(first.values())].double().numpy()  # one per distinct prompt
+    theta = torch.arccos(out.s_base.clamp(-1, 1)).double().numpy()
+    angle = out.angle.double().numpy()
+    corr = float(np.corrcoef(angle, theta)[0, 1]) if np.std(angle) > 0 else float("nan")
+    return {
+        "clamped_share": float(np.mean(aperture >= CLAMPED_APERTURE)),
+        "aperture_std": float(np.std(aperture)),
+        "corr_angle_theta": corr,
+    }
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm-adjusted p-values (family-wise error), in the input order."""
+    p = np.asarray(pvalues, dtype=float)
+    order = np.argsort(p)
+    adjusted = np.empty_like(p)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, (len(p) - rank) * p[i])
+        adjusted[i] = min(1.0, running)
+    return adjusted.tolist()
+
+
+def paired_contrast(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
+    """``a - b`` paired by seed: mean, 95 % t-interval, Wilcoxon signed-rank p-value."""
+    d = np.asarray(a, float) - np.asarray(b, float)
+    n = len(d)
+    mean = float(d.mean())
+    half = float(stats.t.ppf(0.975, n - 1) * d.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+    wilcoxon = stats.wilcoxon(d).pvalue if n > 1 and np.any(d != 0) else 1.0
+    t_p = stats.ttest_1samp(d, 0.0).pvalue if n > 1 and d.std() > 0 else 1.0
+    return {
+        "n": n,
+        "mean": mean,
+        "lo": mean - half,
+        "hi": mean + half,
+        "p_wilcoxon": float(wilcoxon),
+        "p_t": float(t_p),
+    }
+
+
+def contrasts(
+    per_seed: list[dict], pairs: Sequence[tuple[str, str]], metric: str = "srcc_alignment"
+) -> list[dict]:
+    """Paired contrasts ``a - b`` of ``metric`` over seeds, with Holm-adjusted p-values (over
+    the t-test p-values of all the pairs, and over the Wilcoxon ones)."""
+    rows = []
+    for a, b in pairs:
+        c = paired_contrast([s[a][metric] for s in per_seed], [s[b][metric] for s in per_seed])
+        rows.append({"a": a, "b": b, **c})
+    for key in ("p_t", "p_wilcoxon"):
+        for r, adj in zip(rows, holm([r[key] for r in rows])):
+            r[f"{key}_holm"] = adj
+    return rows
+
+
+# ---------------------------------------------------------------------------- the runs
+
+
+def run_seed(seed: int, clip_path, out, cfg, rows: Sequence[str]) -> dict:
+    """Every requested row on seed ``seed``'s dataset: ``{row: metrics and diagnostics}``."""
+    import time
+
+    from reward.backbone import load_backbone
+    from shapes import reward_training as rt
+    from shapes.assets import register_clip_config
+
+    data = rt.load_rows(rt._dataset(seed, out, cfg))
+    mos_all = [r.score for items in data.values() for r in items]
+    target_range = (float(min(mos_all)), float(max(mos_all)))
+    backbone = load_backbone(register_clip_config(), clip_path.name, base_dir=clip_path.parent)
+    feats = rt.encode(backbone, data)
+    test, test_rows = feats["test"], data["test"]
+    prompts = [r.prompt for r in test_rows]
+    results = {}
+    for name in rows:
+        t = time.time()
+        overrides = EXPERIMENT_ROWS[name]
+        if overrides is None:
+            cos = torch.nn.functional.cosine_similarity(test["image"], test["text"], dim=-1)
+            results[name] = analyse_predictions(cos.double().numpy(), test, test_rows)
+        else:
+            extra = {"dataset": "shapes", "seed": seed, "row": name}
+            model_cfg = rt.clip_config(cfg, target_range=target_range, extra=extra, **overrides)
+            model, info = rt.fit(
+                model_cfg, backbone, clip_path.parent, feats, target_range, seed, cfg
+            )
+            results[name] = analyse_predictions(rt.predict(model, test), test, test_rows)
+            results[name].update(geometry_diagnostics(model, test, prompts))
+            results[name].update(val_srcc=info["val_srcc"], best_epoch=info["best_epoch"])
+        r = results[name]
+        print(
+            f"seed {seed} {name:>30}: SRCC(align) {r['srcc_alignment']:.4f} within "
+            f"{r['within_prompt_srcc']:.4f} MOS {r['srcc_mos']:.4f} "
+            f"clamped {r.get('clamped_share', float('nan')):.2f} [{time.time() - t:.0f} s]",
+            flush=True,
+        )
+    return results
+
+
+def select_loss(per_seed: list[dict]) -> str:
+    """``two-sided`` or ``membership``: the higher mean validation MOS SRCC of the full rows."""
+    means = {
+        loss: float(np.mean([s[f"full, {loss}"]["val_srcc"] for s in per_seed]))
+        for loss in ("two-sided", "membership")
+    }
+    return max(means, key=means.get)
+
+
+def planned_contrasts(loss: str) -> list[tuple[str, str]]:
+    """The protocol's contrasts for the selected loss: two primary, then three secondary."""
+    full = f"full, {loss}"
+    return [
+        (full, f"Euclidean control, {loss}"),
+        (full, "calibrated cosine"),
+        (full, "full, one-sided"),
+        (full, "no entailment loss"),
+        (f"static cone, {loss}", full),
+    ]
+
+
+METRICS = (
+    "srcc_alignment",
+    "within_prompt_srcc",
+    "srcc_mos",
+    "acc_subset",
+    "acc_superset",
+    "acc_count",
+    "acc_substitution",
+    "clamped_share",
+    "aperture_std",
+    "corr_angle_theta",
+)
+
+
+def results_table(per_seed: list[dict], rows: Sequence[str]) -> str:
+    """Markdown table: mean ± std over seeds of :data:`METRICS` per row."""
+    head = "| row | " + " | ".join(METRICS) + " |"
+    lines = [head, "|---" * (len(METRICS) + 1) + "|"]
+    for name in rows:
+        cells = []
+        for m in METRICS:
+            v = np.array([s[name].get(m, np.nan) for s in per_seed], float)
+            cells.append(
+                "—" if np.all(np.isnan(v)) else f"{np.nanmean(v):.3f} ± {np.nanstd(v):.3f}"
+            )
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def contrast_table(rows: list[dict]) -> str:
+    """Markdown table of :func:`contrasts` output."""
+    lines = [
+        "| contrast (a − b) | n | mean | 95 % t-interval | p (t, Holm) | p (Wilcoxon, Holm) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['a']} − {r['b']} | {r['n']} | {r['mean']:+.4f} | [{r['lo']:+.4f}, "
+            f"{r['hi']:+.4f}] | {r['p_t_holm']:.3g} | {r['p_wilcoxon_holm']:.3g} |"
+        )
+    return "\n".join(lines)

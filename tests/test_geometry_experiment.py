@@ -1,0 +1,64 @@
+"""shapes.geometry_experiment: the statistics and the per-prompt metrics on hand-made data."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from shapes import geometry_experiment as ge
+
+
+def test_holm_matches_the_step_down_rule():
+    assert ge.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert ge.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+
+
+def test_paired_contrast_interval_and_wilcoxon():
+    a = [0.60, 0.62, 0.65, 0.61, 0.63, 0.64, 0.66, 0.60]
+    b = [x - 0.02 for x in a]
+    c = ge.paired_contrast(a, b)
+    assert c["mean"] == pytest.approx(0.02)
+    assert c["lo"] == pytest.approx(0.02) and c["hi"] == pytest.approx(0.02)  # no spread
+    noisy = ge.paired_contrast(a, [x + d for x, d in zip(b, [0.01, -0.01] * 4)])
+    assert noisy["lo"] < noisy["mean"] < noisy["hi"]
+    assert 0 < noisy["p_wilcoxon"] < 0.05
+
+
+def _row(prompt, kind):
+    return SimpleNamespace(prompt=prompt, perturbation=kind)
+
+
+def test_pairwise_accuracy_per_kind_and_group():
+    rows = [
+        _row("p", "faithful"),
+        _row("p", "missing_object"),
+        _row("p", "color_swap"),
+        _row("q", "faithful"),
+        _row("q", "extra_object"),
+        _row("q", "color_swap+shape_swap"),
+    ]
+    pred = np.array([0.9, 0.5, 0.95, 0.4, 0.4, 0.1])
+    acc = ge.pairwise_accuracy(pred, rows)
+    assert acc["acc_missing_object"] == 1.0 and acc["acc_subset"] == 1.0
+    assert acc["acc_color_swap"] == 0.0 and acc["acc_substitution"] == 0.0
+    assert acc["acc_superset"] == 0.5  # a tie counts half
+    assert "acc_color_swap+shape_swap" not in acc  # double perturbations are not a kind
+    assert np.isnan(acc["acc_count"])
+
+
+def test_within_prompt_srcc_ignores_the_order_across_prompts():
+    prompts = ["a"] * 4 + ["b"] * 4
+    truth = np.array([0.1, 0.2, 0.3, 0.4, 0.1, 0.2, 0.3, 0.4])
+    pred = np.array([1, 2, 3, 4, -4, -3, -2, -1], float)  # prompt b entirely lower
+    assert ge.within_prompt_srcc(pred, truth, prompts) == pytest.approx(1.0)
+    assert ge.within_prompt_srcc(-pred, truth, prompts) == pytest.approx(-1.0)
+
+
+def test_loss_selection_uses_validation_only():
+    seeds = [
+        {"full, two-sided": {"val_srcc": 0.5}, "full, membership": {"val_srcc": 0.6}},
+        {"full, two-sided": {"val_srcc": 0.55}, "full, membership": {"val_srcc": 0.58}},
+    ]
+    assert ge.select_loss(seeds) == "membership"
+    first = ge.planned_contrasts("membership")[0]
+    assert first == ("full, membership", "Euclidean control, membership")
