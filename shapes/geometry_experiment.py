@@ -100,11 +100,9 @@ def analyse_predictions(pred: np.ndarray, feats: dict, rows: Sequence) -> dict[s
 @torch.no_grad()
 def geometry_diagnostics(model: HyperAlign, feats: dict, prompts: Sequence[str]) -> dict:
     """Clamped-aperture share and aperture std over distinct prompts; corr(angle, theta)."""
-    model.eval()
-    f_i, f_t = feats["image"], feats["text"]
-    if model.image_adapter is not None:
-        f_i, f_t = model.image_adapter(f_i), model.text_adapter(f_t)
-    out = model.head(f_i, f_t)
+    from shapes.reward_training import head_outputs
+
+    out = head_outputs(model, feats)
     first = {}
     for k, p in enumerate(prompts):
         first.setdefault(p, k)
@@ -171,16 +169,11 @@ def run_seed(seed: int, clip_path, out, cfg, rows: Sequence[str]) -> dict:
     """Every requested row on seed ``seed``'s dataset: ``{row: metrics and diagnostics}``."""
     import time
 
-    from reward.backbone import load_backbone
     from shapes import reward_training as rt
-    from shapes.assets import register_clip_config
 
-    data = rt.load_rows(rt._dataset(seed, out, cfg))
-    mos_all = [r.score for items in data.values() for r in items]
-    target_range = (float(min(mos_all)), float(max(mos_all)))
-    backbone = load_backbone(register_clip_config(), clip_path.name, base_dir=clip_path.parent)
-    feats = rt.encode(backbone, data)
-    test, test_rows = feats["test"], data["test"]
+    prepared = rt.prepare_seed(seed, clip_path, out, cfg)
+    feats, target_range, backbone = prepared.feats, prepared.target_range, prepared.backbone
+    test, test_rows = feats["test"], prepared.rows["test"]
     prompts = [r.prompt for r in test_rows]
     results = {}
     for name in rows:

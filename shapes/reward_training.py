@@ -152,12 +152,17 @@ def encode(backbone, rows: dict[str, list], batch: int = 256) -> dict[str, dict[
 
 def predict(model: HyperAlign, feats: dict[str, torch.Tensor]) -> np.ndarray:
     """Scores ``(N,)`` of cached raw features through the adapters and the head."""
+    return head_outputs(model, feats).score.double().numpy()
+
+
+@torch.no_grad()
+def head_outputs(model: HyperAlign, feats: dict[str, torch.Tensor]):
+    """The model's ``HyperAlignOutput`` on cached raw features (adapters, then the head)."""
     model.eval()
-    with torch.no_grad():
-        f_i, f_t = feats["image"], feats["text"]
-        if model.image_adapter is not None:
-            f_i, f_t = model.image_adapter(f_i), model.text_adapter(f_t)
-        return model.head(f_i, f_t).score.double().numpy()
+    f_i, f_t = feats["image"], feats["text"]
+    if model.image_adapter is not None:
+        f_i, f_t = model.image_adapter(f_i), model.text_adapter(f_t)
+    return model.head(f_i, f_t)
 
 
 def _train_epoch(model, opt, params, train_feats, y, order, tcfg: TrainConfig) -> float:
@@ -255,6 +260,32 @@ def _print_row(seed: int, name: str, result: dict, info: dict, seconds: float) -
     )
 
 
+@dataclass
+class PreparedSeed:
+    """One seed's dataset rows, its cached CLIP features, MOS range and the backbone."""
+
+    rows: dict[str, list]
+    feats: dict[str, dict[str, torch.Tensor]]
+    target_range: tuple[float, float]
+    backbone: object
+
+
+def prepare_seed(seed: int, clip_path: Path, out: Path, cfg: ShapesHyperAlignConfig):
+    """Build (or reuse) seed ``seed``'s dataset and encode it with the CLIP at ``clip_path``."""
+    from reward.backbone import load_backbone
+
+    rows = load_rows(_dataset(seed, out, cfg))
+    mos_all = [r.score for items in rows.values() for r in items]
+    # Min-max normalisation over the whole label set (reward.data.IQADataset's convention).
+    target_range = (float(min(mos_all)), float(max(mos_all)))
+    backbone = load_backbone(register_clip_config(), clip_path.name, base_dir=clip_path.parent)
+    t = time.time()
+    feats = encode(backbone, rows)
+    n_pairs = sum(len(v) for v in rows.values())
+    print(f"seed {seed}: encoded {n_pairs} pairs in {time.time() - t:.0f} s")
+    return PreparedSeed(rows, feats, target_range, backbone)
+
+
 def run_seed(
     seed: int,
     clip_path: Path,
@@ -263,18 +294,9 @@ def run_seed(
     rows_wanted: tuple[str, ...] = (),
 ) -> tuple[dict, dict]:
     """All rows for one seed: ``({row: test metrics}, {row: (val_srcc, model)})``."""
-    from reward.backbone import load_backbone
-
-    rows = load_rows(_dataset(seed, out, cfg))
-    mos_all = [r.score for items in rows.values() for r in items]
-    # Min-max normalisation over the whole label set (reward.data.IQADataset's convention).
-    target_range = (float(min(mos_all)), float(max(mos_all)))
+    prepared = prepare_seed(seed, clip_path, out, cfg)
+    backbone, feats, target_range = prepared.backbone, prepared.feats, prepared.target_range
     clip_dir = clip_path.parent
-    backbone = load_backbone(register_clip_config(), clip_path.name, base_dir=clip_dir)
-    t = time.time()
-    feats = encode(backbone, rows)
-    n_pairs = sum(len(v) for v in rows.values())
-    print(f"seed {seed}: encoded {n_pairs} pairs in {time.time() - t:.0f} s")
     test = feats["test"]
     results, models = {}, {}
     for name, overrides in ROWS.items():
