@@ -161,6 +161,22 @@ class HyperAlignConfig:
     """Margin (radians) by which a poorly aligned pair must lie outside the cone (two-sided)."""
     ent_tau: float = 0.1
     """Temperature (radians) of the soft cone membership (``membership``)."""
+    # --- rails against cone collapse (all off by default) [ours] ---------------------------
+    text_min_radius: float = 0.0
+    """Rail: keep every prompt's cone open. With ``r > 0`` the text point's tangent norm
+    ``n = |a_t f_t|`` becomes ``sqrt(n^2 + (r * n_0)^2)``, where ``n_0 = asinh(2k) / sqrt(c)``
+    is the norm at which the half-aperture reaches its clamp (pi/2); any ``r > 1`` keeps every
+    aperture below pi/2. ``0`` = off."""
+    adapter_norm_cap: float = 0.0
+    """Rail: an adapted feature's norm may be at most this many times the raw CLIP feature's
+    (``f' <- f' * min(1, cap * |f| / |f'|)``), so the adapters cannot inflate norms past the
+    scale bound ``a_max``. ``0`` = off."""
+    regressor_init_std: float = 0.0
+    """Rail: std of the normal init of the regressor's output weights (``0``: zeros, so that
+    at step 0 the regression loss sends no gradient into the geometry)."""
+    ent_warmup_epochs: float = 0.0
+    """Rail: the entailment weight rises linearly from 0 to ``ent_weight`` over this many
+    epochs (``0``: full weight from the start)."""
     reg_loss: str = "mse"
     """Regression loss on the predicted score: ``mse``, ``l1`` or ``mse+plcc``."""
 
@@ -207,6 +223,15 @@ class HyperAlignConfig:
                 raise ValueError(f"HyperAlignConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.k <= 0:
             raise ValueError(f"HyperAlignConfig.k (cone constant) must be > 0, got {self.k}")
+        for name in ("text_min_radius", "adapter_norm_cap", "regressor_init_std"):
+            if getattr(self, name) < 0:
+                raise ValueError(
+                    f"HyperAlignConfig.{name} must be >= 0 (0 = off), got {getattr(self, name)}"
+                )
+        if self.ent_warmup_epochs < 0:
+            raise ValueError(
+                f"HyperAlignConfig.ent_warmup_epochs must be >= 0, got {self.ent_warmup_epochs}"
+            )
         if self.ent_weight < 0:
             raise ValueError(f"HyperAlignConfig.ent_weight must be >= 0, got {self.ent_weight}")
         if self.target_range is not None:

@@ -71,10 +71,22 @@ def regression_loss(pred: Tensor, target: Tensor, kind: str = "mse") -> Tensor:
     raise ValueError(f"unknown regression loss {kind!r}; use 'mse', 'l1' or 'mse+plcc'")
 
 
+def entailment_weight(config: HyperAlignConfig, epochs_done: float | None) -> float:
+    """``lambda`` after ``epochs_done`` (fractional) epochs: ``ent_weight``, ramped up linearly
+    over ``ent_warmup_epochs`` when that is set (``None``: the full weight)."""
+    if config.ent_warmup_epochs <= 0 or epochs_done is None:
+        return config.ent_weight
+    return config.ent_weight * min(1.0, max(0.0, epochs_done) / config.ent_warmup_epochs)
+
+
 def hyperalign_loss(
-    out: HyperAlignOutput, target: Tensor, config: HyperAlignConfig
+    out: HyperAlignOutput,
+    target: Tensor,
+    config: HyperAlignConfig,
+    epochs_done: float | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Total loss and its parts (floats, for logging). ``target``: ``(B,)`` in [0, 1]."""
+    """Total loss and its parts (floats, for logging). ``target``: ``(B,)`` in [0, 1];
+    ``epochs_done``: training progress, for the entailment warm-up (``ent_warmup_epochs``)."""
     target = target.to(out.score.device, torch.float32)
     reg = regression_loss(out.score.float(), target, config.reg_loss)
     total = reg
@@ -89,7 +101,7 @@ def hyperalign_loss(
             config.ent_margin,
             config.ent_tau,
         )
-        total = total + config.ent_weight * ent
+        total = total + entailment_weight(config, epochs_done) * ent
         parts["loss_ent"] = float(ent.detach())
     parts["loss"] = float(total.detach())
     return total, parts

@@ -60,13 +60,19 @@ class HyperAlignOutput:
 class GatedAdapter(nn.Module):
     """Residual gated adapter ``f + tanh(g) * MLP(f)``; ``g = 0`` at init (plain CLIP)."""
 
-    def __init__(self, dim: int, width: int) -> None:
+    def __init__(self, dim: int, width: int, norm_cap: float = 0.0) -> None:
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(dim, width), nn.GELU(), nn.Linear(width, dim))
         self.gate = nn.Parameter(torch.zeros(()))
+        self.norm_cap = float(norm_cap)
+        """``> 0``: the output's norm is at most ``norm_cap`` times the input's."""
 
     def forward(self, f: Tensor) -> Tensor:
-        return f + torch.tanh(self.gate) * self.mlp(f)
+        out = f + torch.tanh(self.gate) * self.mlp(f)
+        if self.norm_cap > 0:
+            limit = self.norm_cap * f.norm(dim=-1, keepdim=True)
+            out = out * (limit / out.norm(dim=-1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0)
+        return out
 
 
 class ModulationRegressor(nn.Module):
@@ -76,12 +82,15 @@ class ModulationRegressor(nn.Module):
     untrained model scores like the plain cosine.
     """
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, init_std: float = 0.0) -> None:
         super().__init__()
         self.net = nn.Sequential(
             nn.Linear(3, width), nn.GELU(), nn.Linear(width, width), nn.GELU(), nn.Linear(width, 3)
         )
-        nn.init.zeros_(self.net[-1].weight)
+        if init_std > 0:  # a non-zero start: the regression loss reaches the geometry at once
+            nn.init.normal_(self.net[-1].weight, std=init_std)
+        else:
+            nn.init.zeros_(self.net[-1].weight)
         with torch.no_grad():
             self.net[-1].bias.copy_(torch.tensor([_SOFTPLUS_INV_1, 0.0, 0.0]))
 
@@ -148,7 +157,7 @@ class HyperAlign(nn.Module):
             self.register_buffer("log_curv", log_c)
 
         if config.regressor:
-            self.regressor = ModulationRegressor(config.regressor_width)
+            self.regressor = ModulationRegressor(config.regressor_width, config.regressor_init_std)
         else:
             self.calib_alpha = nn.Parameter(torch.tensor(_SOFTPLUS_INV_1))
             self.calib_beta = nn.Parameter(torch.zeros(()))
@@ -162,8 +171,8 @@ class HyperAlign(nn.Module):
         for p in self.clip.parameters():
             p.requires_grad_(train_backbone)
         if cfg.tuning == "adapter":
-            self.image_adapter = GatedAdapter(dim, cfg.adapter_width)
-            self.text_adapter = GatedAdapter(dim, cfg.adapter_width)
+            self.image_adapter = GatedAdapter(dim, cfg.adapter_width, cfg.adapter_norm_cap)
+            self.text_adapter = GatedAdapter(dim, cfg.adapter_width, cfg.adapter_norm_cap)
         else:
             self.image_adapter = self.text_adapter = None
         if cfg.tuning == "lora":
@@ -232,15 +241,20 @@ class HyperAlign(nn.Module):
             c = self.curv
             a_i = torch.sigmoid(self.image_scale_logit.float()) * cfg.a_max
             a_t = torch.sigmoid(self.text_scale_logit.float()) * cfg.a_max
+            v_t = a_t * f_t  # (B, D) text tangent vector
+            if cfg.text_min_radius > 0:  # rail: lift the norm smoothly above the clamp radius
+                n = v_t.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+                floor = cfg.text_min_radius * math.asinh(2 * cfg.k) / c.sqrt()
+                v_t = v_t * (n.square() + floor.square()).sqrt() / n
             x_i = lorentz.exp_map0(a_i * f_i, c)  # (B, D)
-            x_t = lorentz.exp_map0(a_t * f_t, c)  # (B, D)
+            x_t = lorentz.exp_map0(v_t, c)  # (B, D)
             dist = lorentz.distance(x_t, x_i, c)
             angle = lorentz.exterior_angle(x_t, x_i, c)
             aperture = lorentz.half_aperture(x_t, c, cfg.k)
             if cfg.regressor:
                 if cfg.regressor_input == "euclidean":  # the same information, Euclidean form
                     theta = torch.arccos(s_base.clamp(-1 + _EPS32, 1 - _EPS32))
-                    u_t = (a_t * f_t).norm(dim=-1)
+                    u_t = v_t.norm(dim=-1)
                     u_i = (a_i * f_i).norm(dim=-1)
                     z = torch.stack([theta, u_t, u_i], dim=-1)  # (B, 3)
                 else:

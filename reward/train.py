@@ -199,6 +199,14 @@ _RESUME_KEYS = (
 )
 
 # Ablation rows (the paper's ablation table): name -> HyperAlignConfig overrides.
+RAILS: dict[str, float] = {
+    "text_min_radius": 1.5,
+    "adapter_norm_cap": 1.5,
+    "regressor_init_std": 0.01,
+    "ent_warmup_epochs": 2.0,
+}
+"""The anti-collapse rails of ``HyperAlignConfig`` switched on together (the ``-rails`` rows)."""
+
 ABLATIONS: dict[str, dict] = {
     "full": {},
     "no-entailment": {"ent_weight": 0.0},
@@ -209,6 +217,8 @@ ABLATIONS: dict[str, dict] = {
     "membership": {"ent_loss": "membership"},
     "euclidean-two-sided": {"ent_loss": "two-sided", "regressor_input": "euclidean"},
     "euclidean-membership": {"ent_loss": "membership", "regressor_input": "euclidean"},
+    "two-sided-rails": {"ent_loss": "two-sided", **RAILS},
+    "euclidean-two-sided-rails": {"ent_loss": "two-sided", "regressor_input": "euclidean", **RAILS},
 }
 
 
@@ -552,7 +562,8 @@ def _train_epoch(run: _Run) -> None:
     params = [p for g in run.groups for p in g["params"]]
     for batch in bar:
         out = run.model(batch["pixels"], list(batch["prompt"]))
-        loss, parts = hyperalign_loss(out, batch["target"], head_config)
+        progress = state.epoch + state.step_in_epoch / run.steps_per_epoch
+        loss, parts = hyperalign_loss(out, batch["target"], head_config, progress)
         run.accelerator.backward(loss)
         if config.grad_clip > 0:
             run.accelerator.clip_grad_norm_(params, config.grad_clip)

@@ -35,19 +35,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-prompts", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--analyse-only", action="store_true")
+    parser.add_argument(
+        "--exploratory",
+        action="store_true",
+        help="also run the exploratory rows (shapes.geometry_experiment.EXPLORATORY_ROWS) on "
+        "each seed, adding them to seeds already done",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = ShapesHyperAlignConfig(seeds=tuple(args.seeds), n_prompts=args.n_prompts)
     rows = list(ge.EXPERIMENT_ROWS)
+    extra = list(ge.EXPLORATORY_ROWS) if args.exploratory else []
     per_seed = []
     for seed in args.seeds:
         path = args.out / f"seed_{seed}.json"
-        if not path.is_file():
-            if args.analyse_only:
-                continue
+        done = json.loads(path.read_text()) if path.is_file() else {}
+        missing = [r for r in rows + extra if r not in done]
+        if missing and not args.analyse_only:
             staged = stage_clip(args.clip, args.out)
-            atomic_write_json(path, ge.run_seed(seed, staged, args.out, cfg, rows))
-        per_seed.append(json.loads(path.read_text()))
+            done.update(ge.run_seed(seed, staged, args.out, cfg, missing))
+            atomic_write_json(path, done)
+        if all(r in done for r in rows):
+            per_seed.append(done)
     if len(per_seed) < 2:
         print(f"{len(per_seed)} seed(s) done; the analysis needs at least 2")
         return 0
@@ -59,6 +68,14 @@ def main(argv: list[str] | None = None) -> int:
         f"SRCC vs true alignment, paired by seed (first two rows primary):\n\n"
         f"{ge.contrast_table(contrast)}\n"
     )
+    explored = [s for s in per_seed if all(r in s for r in ge.EXPLORATORY_ROWS)]
+    if len(explored) >= 2:
+        pairs = ge.exploratory_contrasts()
+        text += (
+            f"\nExploratory rows (added after the protocol), {len(explored)} seeds:\n\n"
+            f"{ge.results_table(explored, list(ge.EXPLORATORY_ROWS))}\n\n"
+            f"{ge.contrast_table(ge.contrasts(explored, pairs))}\n"
+        )
     print(text)
     atomic_write_text(args.out / "results.md", text)
     atomic_write_json(

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from hyperalign.common import atomic_write_bytes, atomic_write_json
-from shapes.assets import CLIP_ARCH, register_clip_config
+from shapes.assets import register_clip_config
 from shapes.perturb import KINDS, faithful_scene, perturb
 from shapes.prompts import Entity, PromptSampler, PromptSpec, Relation, sample_prompt
 from shapes.world import COLORS, RELATIONS, SHAPES, SIZES, RenderConfig, render, to_tensor
@@ -85,8 +85,14 @@ class ClipTrainConfig:
     made from the pair's faithful scene by one perturbation of ``shapes.perturb`` (shape
     swap, relation flip, extra object, ...), added as negative *images* for the captions. They
     force the image tower to see what the captions say beyond colour."""
+    arch: str = ""
+    """open_clip architecture as a JSON file (``{"embed_dim", "vision_cfg", "text_cfg"}``,
+    registered under its file stem); empty: the shipped ``shapes/assets/reward/shapes-clip.json``."""
+    negative_kinds: tuple[str, ...] = ()
+    """Perturbation kinds the image-side hard negatives are drawn from (empty: all of
+    ``shapes.perturb.KINDS``)."""
     init: str = ""
-    """Start from these ``shapes-clip`` weights (a .safetensors file) instead of a random init."""
+    """Start from these weights (same architecture) (a .safetensors file) instead of a random init."""
     warmup_steps: int = 50
     """Linear warm-up steps."""
     weight_decay: float = 0.05
@@ -134,12 +140,16 @@ def render_batch(
 
 
 def scenes_and_negatives(
-    specs: list[PromptSpec], rng: np.random.Generator, image_size: int, rate: float
+    specs: list[PromptSpec],
+    rng: np.random.Generator,
+    image_size: int,
+    rate: float,
+    kinds: tuple[str, ...] = (),
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """One faithful scene per prompt ``(B, 3, S, S)``, image-side hard negatives
     ``(M, 3, S, S)``: for each prompt, ``n`` = ``rate`` rounded at random (``floor(rate)``
     plus one with probability ``frac(rate)``) versions of its faithful scene, each changed by
-    one perturbation kind. The first ``2 n`` kinds of a random order are tried and those that
+    one perturbation kind (of ``kinds``; empty: all of ``KINDS``). The first ``2 n`` kinds of a random order are tried and those that
     do not apply are skipped, so a prompt may get fewer than ``n`` (M ~ 0.9 B at rate 1);
     and, for each negative, the index of the prompt it was made from."""
     cfg = RenderConfig(image_size=image_size)
@@ -148,7 +158,7 @@ def scenes_and_negatives(
         scene = faithful_scene(spec, rng)
         pos.append(render(scene, cfg))
         n = int(rate) + int(rng.random() < rate - int(rate))
-        for kind in rng.permutation(KINDS)[: 2 * n]:
+        for kind in rng.permutation(kinds or KINDS)[: 2 * n]:
             if n == 0:
                 break
             p = perturb(spec, scene, str(kind), rng)
@@ -326,7 +336,7 @@ def training_batch(rng: np.random.Generator, cfg: ClipTrainConfig):
     specs = sample_specs(rng, cfg.batch_size, heldout=False)
     if cfg.hard_negative_images > 0:
         images, neg_images, _ = scenes_and_negatives(
-            specs, rng, cfg.image_size, cfg.hard_negative_images
+            specs, rng, cfg.image_size, cfg.hard_negative_images, cfg.negative_kinds
         )
     else:
         images = render_batch(specs, rng, cfg.image_size)
@@ -402,12 +412,21 @@ def _log_step(step: int, loss: float, model, cfg: ClipTrainConfig, t0: float) ->
     )
 
 
+def clip_arch(cfg: ClipTrainConfig) -> str:
+    """Register ``cfg.arch`` (or the shipped architecture) with open_clip; returns its name."""
+    if not cfg.arch:
+        return register_clip_config()
+    from reward.backbone import register_model_config
+
+    return register_model_config(cfg.arch)
+
+
 def train(cfg: ClipTrainConfig, out: str | Path | None) -> dict:
     """Train, evaluate, save (when ``out`` is given); returns the metrics, the evaluation
     history, the weights (``state``) and the minutes taken."""
     from reward.backbone import load_backbone
 
-    arch = register_clip_config()
+    arch = clip_arch(cfg)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     backbone = load_backbone(arch, cfg.init or None)
@@ -455,11 +474,12 @@ def save_clip(out: str | Path, state, cfg: ClipTrainConfig, metrics, history, mi
 
     out = Path(out)
     # One metadata key: safetensors writes a map of several in no fixed order (bytes would vary).
-    data = save(state, metadata={"arch": CLIP_ARCH})
+    arch = clip_arch(cfg)
+    data = save(state, metadata={"arch": arch})
     atomic_write_bytes(out, data)
     out.chmod(0o644)  # weights are shared data (temporary files are owner-only)
     info = {
-        "arch": CLIP_ARCH,
+        "arch": arch,
         "config": dataclasses.asdict(cfg),
         "metrics": metrics,
         "history": history,

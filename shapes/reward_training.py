@@ -165,7 +165,7 @@ def head_outputs(model: HyperAlign, feats: dict[str, torch.Tensor]):
     return model.head(f_i, f_t)
 
 
-def _train_epoch(model, opt, params, train_feats, y, order, tcfg: TrainConfig) -> float:
+def _train_epoch(model, opt, params, train_feats, y, order, tcfg: TrainConfig, epoch: int = 0):
     """One pass over the training features in ``order``; returns the mean loss."""
     model.train()
     total = 0.0
@@ -174,7 +174,8 @@ def _train_epoch(model, opt, params, train_feats, y, order, tcfg: TrainConfig) -
         f_i, f_t = train_feats["image"][idx], train_feats["text"][idx]
         if model.image_adapter is not None:
             f_i, f_t = model.image_adapter(f_i), model.text_adapter(f_t)
-        loss, parts = hyperalign_loss(model.head(f_i, f_t), y[idx], model.config)
+        progress = epoch + k / len(y)
+        loss, parts = hyperalign_loss(model.head(f_i, f_t), y[idx], model.config, progress)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
@@ -214,7 +215,7 @@ def fit(
     history = []
     for epoch in range(tcfg.epochs):
         order = torch.randperm(len(y), generator=gen)
-        train_loss = _train_epoch(model, opt, params, feats["train"], y, order, tcfg)
+        train_loss = _train_epoch(model, opt, params, feats["train"], y, order, tcfg, epoch)
         val = iqa_metrics(predict(model, feats["val"]), feats["val"]["mos"].numpy())
         history.append({"epoch": epoch, "train_loss": train_loss, "val_srcc": val["srcc"]})
         if val["srcc"] > best[0] + tcfg.min_delta:

@@ -62,3 +62,43 @@ def test_loss_selection_uses_validation_only():
     assert ge.select_loss(seeds) == "membership"
     first = ge.planned_contrasts("membership")[0]
     assert first == ("full, membership", "Euclidean control, membership")
+
+
+def _fake_metrics(seed: int, name: str) -> dict:
+    rng = np.random.default_rng(abs(hash((seed, name))) % 2**32)
+    keys = ("srcc_alignment", "val_srcc", "within_prompt_srcc", "srcc_mos")
+    return {k: float(rng.uniform(0.4, 0.7)) for k in keys}
+
+
+def test_exploratory_rows_are_added_to_seeds_already_done(tmp_path, monkeypatch):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "geometry_experiment.py"
+    spec = importlib.util.spec_from_file_location("geometry_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    calls = []
+
+    def run_seed(seed, clip, out, cfg, rows):
+        calls.append((seed, list(rows)))
+        return {name: _fake_metrics(seed, name) for name in rows}
+
+    monkeypatch.setattr(script.ge, "run_seed", run_seed)
+    monkeypatch.setattr(script, "stage_clip", lambda clip, out: clip)
+    done = {name: _fake_metrics(0, name) for name in ge.EXPERIMENT_ROWS}
+    (tmp_path / "seed_0.json").write_text(json.dumps(done))
+    argv = ["--clip", "x.safetensors", "--out", str(tmp_path), "--seeds", "0", "1"]
+    assert script.main([*argv, "--exploratory"]) == 0
+    # Seed 0 only ran the new rows; seed 1 ran everything; nothing done twice.
+    assert calls[0] == (0, list(ge.EXPLORATORY_ROWS))
+    assert calls[1] == (1, list(ge.EXPERIMENT_ROWS) + list(ge.EXPLORATORY_ROWS))
+    merged = json.loads((tmp_path / "seed_0.json").read_text())
+    assert set(merged) == set(ge.ALL_ROWS)
+    assert merged["calibrated cosine"] == done["calibrated cosine"]  # kept, not recomputed
+    text = (tmp_path / "results.md").read_text()
+    assert "Exploratory rows" in text and "full, two-sided + rails" in text
+    calls.clear()
+    assert script.main(argv) == 0  # everything cached: no training at all
+    assert calls == []
