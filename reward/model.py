@@ -185,6 +185,15 @@ class HyperAlign(nn.Module):
             for name, p in self.clip.named_parameters():
                 p.requires_grad_("lora_" in name)
 
+    def train(self, mode: bool = True) -> HyperAlign:
+        """Train mode for the head and adapters; the CLIP towers stay in eval mode unless they
+        are trained in full, so a frozen tower with batch norm (a ResNet image tower) keeps
+        its statistics and scores an image the same whatever else is in the batch."""
+        super().train(mode)
+        if self.config.tuning != "full":
+            self.clip.eval()
+        return self
+
     @property
     def curv(self) -> Tensor:
         """Curvature magnitude ``c`` (0-d, fp32), clamped to ``[curv_min, curv_max]``."""

@@ -358,3 +358,27 @@ def test_loading_restores_a_checkpoint_left_mid_swap(tmp_path):
     assert (tmp_path / "c" / "model.safetensors").read_bytes() == before
     HyperAlign(tiny_config()).save_pretrained(tmp_path / "c")  # a new save cleans up
     assert [p.name for p in tmp_path.iterdir()] == ["c"]
+
+
+def test_frozen_batchnorm_tower_scores_an_image_the_same_in_any_batch(tmp_path):
+    """A ResNet image tower (batch norm) under a frozen-tower tuning: train mode must not use
+    batch statistics or update the running ones."""
+    import json
+
+    from reward.backbone import register_model_config
+
+    arch = tmp_path / "hyperalign-test-rn.json"
+    text = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
+    vision = {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8}
+    arch.write_text(json.dumps({"embed_dim": 16, "vision_cfg": vision, "text_cfg": text}))
+    name = register_model_config(arch)
+    torch.manual_seed(0)
+    model = HyperAlign(HyperAlignConfig(backbone=name, pretrained=None)).train()
+    before = {k: v.clone() for k, v in model.clip.state_dict().items()}
+    x = torch.rand(4, 3, 32, 32)
+    alone = model.encode_images(x[:1])
+    mixed = model.encode_images(torch.cat([x[:1], torch.rand(7, 3, 32, 32)]))[:1]
+    assert torch.allclose(alone, mixed, atol=1e-6)
+    after = model.clip.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # running stats untouched
+    assert model.training and model.image_adapter.training
