@@ -34,6 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
     parser.add_argument("--n-prompts", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--style", default="default", help="style family of the datasets")
+    parser.add_argument("--truth", default="closed", help="truth model: closed or open")
+    parser.add_argument("--unmentioned-weight", type=float, default=1.0)
+    parser.add_argument(
+        "--clip-arch", default="", help="open_clip JSON of the CLIP (default: shipped)"
+    )
     parser.add_argument("--analyse-only", action="store_true")
     parser.add_argument(
         "--exploratory",
@@ -43,7 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = ShapesHyperAlignConfig(seeds=tuple(args.seeds), n_prompts=args.n_prompts)
+    cfg = ShapesHyperAlignConfig(
+        seeds=tuple(args.seeds),
+        n_prompts=args.n_prompts,
+        style=args.style,
+        truth=args.truth,
+        unmentioned_weight=args.unmentioned_weight,
+        clip_arch=args.clip_arch,
+    )
     rows = list(ge.EXPERIMENT_ROWS)
     extra = list(ge.EXPLORATORY_ROWS) if args.exploratory else []
     per_seed = []

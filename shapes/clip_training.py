@@ -43,7 +43,17 @@ from hyperalign.common import atomic_write_bytes, atomic_write_json
 from shapes.assets import register_clip_config
 from shapes.perturb import KINDS, faithful_scene, perturb
 from shapes.prompts import Entity, PromptSampler, PromptSpec, Relation, sample_prompt
-from shapes.world import COLORS, RELATIONS, SHAPES, SIZES, RenderConfig, render, to_tensor
+from shapes.styles import sample_style, sample_world_style
+from shapes.world import (
+    COLORS,
+    RELATIONS,
+    SHAPES,
+    SIZES,
+    RenderConfig,
+    WorldConfig,
+    render,
+    to_tensor,
+)
 
 __all__ = [
     "HELDOUT_BUCKETS",
@@ -59,6 +69,9 @@ __all__ = [
     "scenes_and_negatives",
     "train",
 ]
+
+STYLED_SUPERSAMPLE = 2
+"""Supersampling of the styled renders of CLIP training and evaluation."""
 
 HELDOUT_BUCKETS = 5
 """A prompt is held out when ``sha1(text) mod HELDOUT_BUCKETS == 0`` (about 20 %)."""
@@ -91,6 +104,11 @@ class ClipTrainConfig:
     negative_kinds: tuple[str, ...] = ()
     """Perturbation kinds the image-side hard negatives are drawn from (empty: all of
     ``shapes.perturb.KINDS``)."""
+    style: str = "default"
+    """Style family of the training renders (``shapes.styles.STYLE_FAMILIES``): a layout world
+    per prompt and a rendering style per image; a pair's hard negatives share its style."""
+    eval_styles: tuple[str, ...] = ("heldout",)
+    """Style families evaluated besides the plain ``default`` one (metrics ``<style>/...``)."""
     init: str = ""
     """Start from these weights (same architecture) (a .safetensors file) instead of a random init."""
     warmup_steps: int = 50
@@ -131,12 +149,31 @@ def sample_specs(
     return out
 
 
+def draw_style(
+    rng: np.random.Generator, style: str, image_size: int
+) -> tuple[WorldConfig | None, RenderConfig]:
+    """A layout world and a rendering of style family ``style`` (``default``: the plain
+    rendering, drawing nothing from ``rng``)."""
+    if style == "default":
+        return None, RenderConfig(image_size=image_size)
+    world = sample_world_style(rng, style)
+    cfg = sample_style(rng, style)
+    # Styled renders are composited in float: 2x supersampling halves the cost of 4x and
+    # looks the same at 64 px (the plain renderer keeps its 4x).
+    return world, dataclasses.replace(
+        cfg, image_size=image_size, supersample=min(cfg.supersample, STYLED_SUPERSAMPLE)
+    )
+
+
 def render_batch(
-    specs: list[PromptSpec], rng: np.random.Generator, image_size: int
+    specs: list[PromptSpec], rng: np.random.Generator, image_size: int, style: str = "default"
 ) -> torch.Tensor:
     """One faithful scene per prompt -> float tensor ``(B, 3, S, S)`` in [0, 1]."""
-    cfg = RenderConfig(image_size=image_size)
-    return to_tensor(np.stack([render(faithful_scene(s, rng), cfg) for s in specs]))
+    out = []
+    for s in specs:
+        world, cfg = draw_style(rng, style, image_size)
+        out.append(render(faithful_scene(s, rng, world), cfg))
+    return to_tensor(np.stack(out))
 
 
 def scenes_and_negatives(
@@ -145,6 +182,7 @@ def scenes_and_negatives(
     image_size: int,
     rate: float,
     kinds: tuple[str, ...] = (),
+    style: str = "default",
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """One faithful scene per prompt ``(B, 3, S, S)``, image-side hard negatives
     ``(M, 3, S, S)``: for each prompt, ``n`` = ``rate`` rounded at random (``floor(rate)``
@@ -152,16 +190,16 @@ def scenes_and_negatives(
     one perturbation kind (of ``kinds``; empty: all of ``KINDS``). The first ``2 n`` kinds of a random order are tried and those that
     do not apply are skipped, so a prompt may get fewer than ``n`` (M ~ 0.9 B at rate 1);
     and, for each negative, the index of the prompt it was made from."""
-    cfg = RenderConfig(image_size=image_size)
     pos, neg, owner = [], [], []
     for j, spec in enumerate(specs):
-        scene = faithful_scene(spec, rng)
+        world, cfg = draw_style(rng, style, image_size)
+        scene = faithful_scene(spec, rng, world)
         pos.append(render(scene, cfg))
         n = int(rate) + int(rng.random() < rate - int(rate))
         for kind in rng.permutation(kinds or KINDS)[: 2 * n]:
             if n == 0:
                 break
-            p = perturb(spec, scene, str(kind), rng)
+            p = perturb(spec, scene, str(kind), rng, world)
             if p is not None:
                 neg.append(render(p.scene, cfg))
                 owner.append(j)
@@ -256,14 +294,15 @@ def _retrieval(enc: Encoder, specs, images) -> tuple[torch.Tensor, float, float]
     return f_i, i2t, t2i
 
 
-def _image_pairs(enc: Encoder, specs, cfg: ClipTrainConfig) -> dict[str, list[bool]]:
-    """Per kind: does the caption prefer its faithful scene to the perturbed one?"""
+def _image_pairs(enc: Encoder, specs, cfg: ClipTrainConfig, style: str) -> dict[str, list[bool]]:
+    """Per kind: does the caption prefer its faithful scene to the perturbed one (both drawn
+    in one style of family ``style``)?"""
     prng = np.random.default_rng([cfg.seed, 98])
-    rcfg = RenderConfig(image_size=cfg.image_size)
     wins: dict[str, list[bool]] = {k: [] for k in KINDS}
     for spec in specs[:100]:
-        scene = faithful_scene(spec, prng)
-        variants = [(k, perturb(spec, scene, k, prng)) for k in KINDS]
+        world, rcfg = draw_style(prng, style, cfg.image_size)
+        scene = faithful_scene(spec, prng, world)
+        variants = [(k, perturb(spec, scene, k, prng, world)) for k in KINDS]
         variants = [(k, v) for k, v in variants if v is not None]
         imgs = [render(scene, rcfg)] + [render(v.scene, rcfg) for _, v in variants]
         sims = enc.images(to_tensor(np.stack(imgs))) @ enc.texts([spec.text])[0]
@@ -274,11 +313,20 @@ def _image_pairs(enc: Encoder, specs, cfg: ClipTrainConfig) -> dict[str, list[bo
 
 @torch.no_grad()
 def evaluate(enc: Encoder, cfg: ClipTrainConfig) -> dict[str, float]:
-    """Zero-shot retrieval on held-out prompts (see the module docstring)."""
+    """Zero-shot retrieval on held-out prompts (see the module docstring), in the plain style
+    and in each of ``cfg.eval_styles`` (keys ``<style>/<metric>``; the same prompts)."""
+    out = _evaluate_style(enc, cfg, "default")
+    for style in cfg.eval_styles:
+        if style != "default":
+            out.update({f"{style}/{k}": v for k, v in _evaluate_style(enc, cfg, style).items()})
+    return out
+
+
+def _evaluate_style(enc: Encoder, cfg: ClipTrainConfig, style: str) -> dict[str, float]:
     enc.b.model.eval()
     rng = np.random.default_rng([cfg.seed, 99])
     specs = _eval_specs(cfg, rng)
-    images = render_batch(specs, rng, cfg.image_size)
+    images = render_batch(specs, rng, cfg.image_size, style)
     f_i, i2t, t2i = _retrieval(enc, specs, images)
     hard_ok = []
     for k, spec in enumerate(specs):
@@ -287,7 +335,7 @@ def evaluate(enc: Encoder, cfg: ClipTrainConfig) -> dict[str, float]:
             continue
         f_c = enc.texts([spec.text, *negs])  # (1 + n, D)
         hard_ok.append(int((f_c @ f_i[k]).argmax()) == 0)
-    wins = _image_pairs(enc, specs, cfg)
+    wins = _image_pairs(enc, specs, cfg, style)
     enc.b.model.train()
     return {
         "img_pair": float(np.mean([w for v in wins.values() for w in v])),
@@ -336,10 +384,10 @@ def training_batch(rng: np.random.Generator, cfg: ClipTrainConfig):
     specs = sample_specs(rng, cfg.batch_size, heldout=False)
     if cfg.hard_negative_images > 0:
         images, neg_images, _ = scenes_and_negatives(
-            specs, rng, cfg.image_size, cfg.hard_negative_images, cfg.negative_kinds
+            specs, rng, cfg.image_size, cfg.hard_negative_images, cfg.negative_kinds, cfg.style
         )
     else:
-        images = render_batch(specs, rng, cfg.image_size)
+        images = render_batch(specs, rng, cfg.image_size, cfg.style)
         neg_images = None
     negs = [
         t
@@ -392,7 +440,15 @@ def _step_loss(enc: Encoder, model, rng: np.random.Generator, cfg: ClipTrainConf
 
 
 def format_metrics(m: dict[str, float]) -> str:
-    """One line of the retrieval metrics of :func:`evaluate`."""
+    """The retrieval metrics of :func:`evaluate`: one line per style."""
+    lines = [_format_style(m)]
+    for style in sorted({k.split("/", 1)[0] for k in m if "/" in k}):
+        sub = {k.split("/", 1)[1]: v for k, v in m.items() if k.startswith(style + "/")}
+        lines.append(f"[{style} style] " + _format_style(sub))
+    return "\n  ".join(lines)
+
+
+def _format_style(m: dict[str, float]) -> str:
     return (
         f"i2t@1 {m['i2t@1']:.3f} t2i@1 {m['t2i@1']:.3f} (chance {m['chance']:.3f}), "
         f"hard@1 {m['hard@1']:.3f} (chance {m['hard_chance']:.3f}), image pairs "

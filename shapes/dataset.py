@@ -20,6 +20,14 @@ Per prompt: ``faithful_per_prompt`` faithful scenes, every applicable single per
 the first one, and ``n_double`` double perturbations. Everything derives from ``seed``: the
 same arguments give byte-identical files.
 
+``--style`` (:data:`~shapes.styles.STYLE_FAMILIES`: ``default``, ``train`` or ``heldout``)
+draws a layout world per prompt (:func:`~shapes.styles.sample_world_style`) and a rendering
+style per image (:func:`~shapes.styles.sample_style`); ``default`` is the plain rendering and
+draws nothing, so its files are those of a build without the setting. ``--truth`` (``closed``
+or ``open``) and ``--unmentioned-weight`` choose the truth model (see :mod:`shapes.perturb`)
+of the ``alignment`` column and of the alignment the simulated raters judge. All three are
+recorded in ``meta.json`` (``config``, and the style family's settings under ``style``).
+
 The dataset is built in a temporary folder and moved to ``--out`` when complete. ``meta.json``
 is its manifest (``"format": "shapes-dataset/1"``, the config, row counts): ``--overwrite``
 replaces only a folder that holds such a manifest and nothing but the files listed above
@@ -46,8 +54,16 @@ from hyperalign.common import (
     replace_dir,
     save_png,
 )
-from shapes.perturb import RaterModel, faithful_scene, perturbed_scenes
-from shapes.prompts import PromptSampler, PromptSpec, alignment, sample_prompt
+from shapes.perturb import (
+    TRUTH_MODELS,
+    RaterModel,
+    check_truth,
+    faithful_scene,
+    perturbed_scenes,
+    true_alignment,
+)
+from shapes.prompts import PromptSampler, PromptSpec, sample_prompt
+from shapes.styles import STYLE_FAMILIES, sample_style, sample_world_style, style_family
 from shapes.world import PALETTE, RenderConfig, Scene, WorldConfig, render
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -62,7 +78,8 @@ COLUMNS: tuple[str, ...] = (
 )
 """CSV header, in order."""
 MANIFEST = "meta.json"
-"""The manifest :func:`build_dataset` writes last: config, palette, columns, row counts."""
+"""The manifest :func:`build_dataset` writes last: config, style family settings, palette,
+columns, row counts."""
 FORMAT = "shapes-dataset/1"
 """``meta.json["format"]``: marks a folder written by :func:`build_dataset` (only such a
 folder may be replaced with ``--overwrite``)."""
@@ -92,8 +109,18 @@ class ShapesDatasetConfig:
     """Layout of the scenes."""
     prompts: PromptSampler = field(default_factory=PromptSampler)
     """Prompt template probabilities."""
+    style: str = "default"
+    """Style family of :data:`~shapes.styles.STYLE_FAMILIES` (``default`` = plain rendering;
+    ``train`` for training data; ``heldout`` only to evaluate)."""
+    truth: str = "closed"
+    """Truth model of the ``alignment`` column and the MOS, one of
+    :data:`~shapes.perturb.TRUTH_MODELS`."""
+    unmentioned_weight: float = 1.0
+    """Open world: facts each object beyond those the prompt describes costs (0 = ignored)."""
 
     def __post_init__(self) -> None:
+        style_family(self.style)
+        check_truth(self.truth, self.unmentioned_weight)
         if self.n_prompts < len(SPLITS):
             raise ValueError(f"n_prompts must be >= {len(SPLITS)}, got {self.n_prompts}")
         fr = self.split_fractions
@@ -150,18 +177,29 @@ def _variants(
     perturbation of the first and ``n_double`` double ones; and the prompt's generator (its
     ratings are drawn from it next)."""
     rng = np.random.default_rng([cfg.seed, 3, i])
-    faithful = [faithful_scene(spec, rng, cfg.world) for _ in range(cfg.faithful_per_prompt)]
+    # The style's layout world has a stream of its own (``default`` draws nothing from it).
+    world = sample_world_style(np.random.default_rng([cfg.seed, 4, i]), cfg.style, cfg.world)
+    faithful = [faithful_scene(spec, rng, world) for _ in range(cfg.faithful_per_prompt)]
     variants = [("faithful", sc) for sc in faithful]
     variants += [
-        (p.kind, p.scene) for p in perturbed_scenes(spec, faithful[0], rng, cfg.world, cfg.n_double)
+        (p.kind, p.scene) for p in perturbed_scenes(spec, faithful[0], rng, world, cfg.n_double)
     ]
     return variants, rng
+
+
+def _render_config(cfg: ShapesDatasetConfig, i: int, j: int) -> RenderConfig:
+    """The rendering of image ``j`` of prompt ``i``: a style of ``cfg.style`` drawn from its
+    own stream, at ``cfg.image_size`` (and ``cfg.supersample`` unless the style is aliased)."""
+    if cfg.style == "default":
+        return RenderConfig(image_size=cfg.image_size, supersample=cfg.supersample)
+    style = sample_style(np.random.default_rng([cfg.seed, 5, i, j]), cfg.style)
+    supersample = 1 if style.supersample == 1 else cfg.supersample
+    return dataclasses.replace(style, image_size=cfg.image_size, supersample=supersample)
 
 
 def _write_images(out: Path, cfg: ShapesDatasetConfig) -> tuple[dict[str, list[dict]], list[str]]:
     """Render every prompt's scenes into ``out/images/<split>/``; returns the CSV rows per split
     and the split of each prompt."""
-    render_cfg = RenderConfig(image_size=cfg.image_size, supersample=cfg.supersample)
     specs = sample_prompts(cfg.n_prompts, cfg.seed, cfg.prompts)
     split_of = split_prompts(len(specs), cfg.split_fractions, cfg.seed)
     biases = cfg.raters.biases(cfg.seed)
@@ -174,8 +212,8 @@ def _write_images(out: Path, cfg: ShapesDatasetConfig) -> tuple[dict[str, list[d
         n_facts = len(spec.facts())
         for j, (kind, scene) in enumerate(variants):
             rel = f"images/{split}/{i:05d}_{j:02d}.png"
-            save_png(render(scene, render_cfg), out / rel)
-            true = alignment(spec, scene.objects)
+            save_png(render(scene, _render_config(cfg, i, j)), out / rel)
+            true = true_alignment(spec, scene, cfg.truth, cfg.unmentioned_weight)
             rows[split].append(
                 {
                     "image": rel,
@@ -210,6 +248,7 @@ def _write_tables(out: Path, cfg: ShapesDatasetConfig, rows, split_of) -> dict:
     meta = {
         "format": FORMAT,
         "config": dataclasses.asdict(cfg),
+        "style": dataclasses.asdict(STYLE_FAMILIES[cfg.style]),
         "palette": PALETTE,
         "columns": list(COLUMNS),
         **summary,
@@ -349,6 +388,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--n-double", type=int, default=d.n_double, help="double-perturbation scenes per prompt"
     )
     parser.add_argument(
+        "--style",
+        choices=tuple(STYLE_FAMILIES),
+        default=d.style,
+        help="rendering style family (default: the plain rendering; train: randomised styles "
+        "for training data; heldout: styles never used in training)",
+    )
+    parser.add_argument(
+        "--truth",
+        choices=TRUTH_MODELS,
+        default=d.truth,
+        help="truth model of the alignment and the MOS (closed: the prompt describes the whole "
+        "scene; open: facts are what the prompt states)",
+    )
+    parser.add_argument(
+        "--unmentioned-weight",
+        type=float,
+        default=d.unmentioned_weight,
+        help="open world: facts each object beyond those the prompt describes costs (0 = ignored)",
+    )
+    parser.add_argument(
         "--overwrite",
         action="store_true",
         help="replace --out if it holds a dataset that shapes-data wrote (and nothing else)",
@@ -364,6 +423,9 @@ def run(args: argparse.Namespace) -> int:
         split_fractions=tuple(args.splits),
         faithful_per_prompt=args.faithful_per_prompt,
         n_double=args.n_double,
+        style=args.style,
+        truth=args.truth,
+        unmentioned_weight=args.unmentioned_weight,
     )
     summary = build_dataset(args.out, cfg, overwrite=args.overwrite)
     print(f"wrote {args.out}: rows {summary['rows']}, prompts {summary['prompts']}")

@@ -25,8 +25,21 @@ wrong_count       an entity with count >= 2 gets one copy more or fewer       2 
 which keeps these numbers exact (``tests/test_shapes_world.py`` checks each against the scorer).
 ``double`` applies two different kinds in turn; its alignment comes from the scorer only.
 
-The true alignment of any scene is always computed by :func:`shapes.prompts.alignment`
-from the scene's objects, never from these tables.
+The true alignment of any scene is always computed from the scene's objects
+(:func:`alignment_under`, which is :func:`shapes.prompts.alignment` in the closed world),
+never from these tables; the "facts broken" column counts closed-world facts.
+
+Truth models (:data:`TRUTH_MODELS`), a setting of the oracle and the dataset builder too:
+
+- ``closed`` (default): the prompt describes the whole scene. Its facts are those of
+  :meth:`~shapes.prompts.PromptSpec.facts`, ``total`` included, so an unmentioned object
+  breaks ``total``.
+- ``open``: the facts are what the prompt states: every fact but ``total``; stated counts
+  stay exact ("two red circles" with three red circles breaks ``count``). Each object beyond
+  the number the prompt describes (an *unmentioned* object) costs ``unmentioned_weight``
+  facts: alignment = satisfied / (facts + unmentioned_weight * unmentioned). With weight 1
+  one extra object costs exactly what it costs in the closed world; with weight 0 it costs
+  nothing, and clutter can only help (more objects, more chances to match a slot).
 
 Simulated MOS (:class:`RaterModel`): a pool of raters, each with a fixed bias
 ``b_r ~ N(0, bias_std)``; each image is rated by ``n_raters`` raters drawn from the pool
@@ -42,7 +55,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shapes.prompts import PromptSpec, alignment
+from shapes.prompts import Fact, PromptSpec, alignment, as_facts, evaluate_facts
 from shapes.world import (
     COLORS,
     RELATIONS,
@@ -344,7 +357,8 @@ class RaterModel:
         return np.random.default_rng([seed, 7919]).normal(0.0, self.bias_std, self.pool_size)
 
     def ratings(self, true_alignment: float, biases: np.ndarray, rng: np.random.Generator):
-        """Integer ratings in 1..5, shape (n_raters,)."""
+        """Integer ratings in 1..5, shape (n_raters,). ``true_alignment`` is the scene's
+        alignment under the truth model the raters judge by (:func:`true_alignment`)."""
         if self.n_raters > len(biases):
             raise ValueError(f"n_raters={self.n_raters} exceeds the pool of {len(biases)}")
         who = rng.choice(len(biases), size=self.n_raters, replace=False)
@@ -356,6 +370,69 @@ class RaterModel:
         return float(self.ratings(true_alignment, biases, rng).mean())
 
 
-def true_alignment(spec: PromptSpec, scene: Scene) -> float:
-    """Exact alignment of ``scene`` to ``spec`` (fraction of facts satisfied)."""
-    return alignment(spec, scene.objects)
+TRUTH_MODELS: tuple[str, ...] = ("closed", "open")
+"""Truth models (see the module docstring)."""
+
+
+def check_truth(truth: str, unmentioned_weight: float) -> None:
+    """``ValueError`` unless ``truth`` is one of :data:`TRUTH_MODELS` and
+    ``unmentioned_weight >= 0``."""
+    if truth not in TRUTH_MODELS:
+        raise ValueError(f"unknown truth model {truth!r}; valid truth models: {TRUTH_MODELS}")
+    if not unmentioned_weight >= 0:
+        raise ValueError(
+            f"unmentioned_weight must be >= 0 (0 = unmentioned objects are ignored), got "
+            f"{unmentioned_weight}"
+        )
+
+
+def _described(facts: Sequence[Fact]) -> int:
+    """Objects the prompt of ``facts`` describes: its number of slots."""
+    return len({f.slot for f in facts if f.slot >= 0} | {f.other for f in facts if f.other >= 0})
+
+
+def truth_facts(prompt: str | PromptSpec | Sequence[Fact], truth: str = "closed") -> list[Fact]:
+    """The facts of ``prompt`` that ``truth`` scores: all of them (``closed``), or all but
+    ``total`` (``open``)."""
+    check_truth(truth, 0.0)
+    facts = as_facts(prompt)
+    return facts if truth == "closed" else [f for f in facts if f.kind != "total"]
+
+
+def facts_under(
+    prompt: str | PromptSpec | Sequence[Fact], objects: Sequence, truth: str = "closed"
+) -> list[bool]:
+    """Truth value of each of :func:`truth_facts` in the scene ``objects`` (any objects with
+    ``shape, color, size, cx, cy``), under the best slot-to-object assignment."""
+    return evaluate_facts(truth_facts(prompt, truth), objects)
+
+
+def unmentioned_objects(prompt: str | PromptSpec | Sequence[Fact], objects: Sequence) -> int:
+    """Objects beyond the number ``prompt`` describes. The best assignment binds every slot
+    it can (binding never loses a fact), so exactly these objects stay unbound."""
+    return max(0, len(objects) - _described(as_facts(prompt)))
+
+
+def alignment_under(
+    prompt: str | PromptSpec | Sequence[Fact],
+    objects: Sequence,
+    truth: str = "closed",
+    unmentioned_weight: float = 1.0,
+) -> float:
+    """Alignment of the scene ``objects`` to ``prompt`` under truth model ``truth``, in [0, 1]:
+    :func:`shapes.prompts.alignment` when ``closed`` (``unmentioned_weight`` is unused);
+    satisfied / (facts + unmentioned_weight * unmentioned objects) when ``open``."""
+    check_truth(truth, unmentioned_weight)
+    if truth == "closed":
+        return alignment(prompt, objects)
+    truth_values = facts_under(prompt, objects, "open")
+    penalty = unmentioned_weight * unmentioned_objects(prompt, objects)
+    return sum(truth_values) / (len(truth_values) + penalty)
+
+
+def true_alignment(
+    spec: PromptSpec, scene: Scene, truth: str = "closed", unmentioned_weight: float = 1.0
+) -> float:
+    """Exact alignment of ``scene`` to ``spec`` under truth model ``truth`` (see
+    :func:`alignment_under`)."""
+    return alignment_under(spec, scene.objects, truth, unmentioned_weight)

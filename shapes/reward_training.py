@@ -101,17 +101,40 @@ class ShapesHyperAlignConfig:
     """Regression loss (HyperAlignConfig.reg_loss): ``mse``, ``l1`` or ``mse+plcc``."""
     threads: int = 1
     """torch CPU threads (at most 2 on the shared machine)."""
+    style: str = "default"
+    """Style family of the datasets (``shapes.styles.STYLE_FAMILIES``; ``train`` randomises
+    the rendering of every image)."""
+    truth: str = "closed"
+    """Truth model of the datasets' alignment and MOS (``shapes.perturb.TRUTH_MODELS``)."""
+    unmentioned_weight: float = 1.0
+    """Open world: the cost of an object the prompt does not describe."""
+    clip_arch: str = ""
+    """open_clip architecture JSON of the CLIP (empty: ``shapes.assets.CLIP_CONFIG``)."""
 
     def __post_init__(self) -> None:
+        from shapes.perturb import check_truth
+        from shapes.styles import style_family
+
+        style_family(self.style)
+        check_truth(self.truth, self.unmentioned_weight)
         self.seeds = tuple(self.seeds)
         if not self.seeds:
             raise ValueError("seeds needs at least one seed")
 
 
+def clip_arch(cfg: ShapesHyperAlignConfig) -> str:
+    """Register the CLIP architecture of ``cfg`` with open_clip; returns its name."""
+    if not cfg.clip_arch:
+        return register_clip_config()
+    from reward.backbone import register_model_config
+
+    return register_model_config(cfg.clip_arch)
+
+
 def clip_config(cfg: ShapesHyperAlignConfig, **overrides) -> HyperAlignConfig:
     """HyperAlign on the tiny shapes CLIP, weights ``clip.safetensors`` in the base directory."""
     return HyperAlignConfig(
-        backbone=register_clip_config(),
+        backbone=clip_arch(cfg),
         pretrained=CLIP_FILE,
         tuning="adapter",
         adapter_width=cfg.adapter_width,
@@ -230,12 +253,29 @@ def fit(
     return model, {"best_epoch": best[1], "val_srcc": best[0], "history": history}
 
 
+def dataset_name(seed: int, cfg: ShapesHyperAlignConfig) -> str:
+    """``data_<seed>``, with the style and truth model when they are not the defaults."""
+    name = f"data_{seed}"
+    if cfg.style != "default":
+        name += f"_{cfg.style}"
+    if cfg.truth != "closed":
+        name += f"_{cfg.truth}{cfg.unmentioned_weight:g}"
+    return name
+
+
 def _dataset(seed: int, out: Path, cfg: ShapesHyperAlignConfig) -> Path:
-    """``<out>/data_<seed>``, built with master seed ``seed`` unless it is already there."""
-    data_dir = out / f"data_{seed}"
+    """``<out>/<dataset_name>``, built with master seed ``seed`` unless it is already there."""
+    data_dir = out / dataset_name(seed, cfg)
     if not (data_dir / "test.csv").is_file():
         t = time.time()
-        summary = build_dataset(data_dir, ShapesDatasetConfig(n_prompts=cfg.n_prompts, seed=seed))
+        dcfg = ShapesDatasetConfig(
+            n_prompts=cfg.n_prompts,
+            seed=seed,
+            style=cfg.style,
+            truth=cfg.truth,
+            unmentioned_weight=cfg.unmentioned_weight,
+        )
+        summary = build_dataset(data_dir, dcfg)
         print(f"seed {seed}: built {data_dir} {summary['rows']} in {time.time() - t:.0f} s")
     return data_dir
 
@@ -279,7 +319,7 @@ def prepare_seed(seed: int, clip_path: Path, out: Path, cfg: ShapesHyperAlignCon
     mos_all = [r.score for items in rows.values() for r in items]
     # Min-max normalisation over the whole label set (reward.data.IQADataset's convention).
     target_range = (float(min(mos_all)), float(max(mos_all)))
-    backbone = load_backbone(register_clip_config(), clip_path.name, base_dir=clip_path.parent)
+    backbone = load_backbone(clip_arch(cfg), clip_path.name, base_dir=clip_path.parent)
     t = time.time()
     feats = encode(backbone, rows)
     n_pairs = sum(len(v) for v in rows.values())

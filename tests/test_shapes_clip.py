@@ -87,3 +87,29 @@ def test_tiny_training_run_saves_loadable_weights(tmp_path):
     state = backbone.model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in result["state"].items())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.json", "clip.safetensors"]
+
+
+def test_styled_training_data_share_a_style_per_pair_and_repeat():
+    """``style="train"``: renders differ from the plain ones, repeat from the seed, and a
+    caption's hard negatives are drawn in its own scene's style (same background corner)."""
+    from shapes.clip_training import render_batch
+
+    specs = sample_specs(np.random.default_rng(5), 12, heldout=False)
+    plain = render_batch(specs, np.random.default_rng(1), 64)
+    styled = render_batch(specs, np.random.default_rng(1), 64, "train")
+    again = render_batch(specs, np.random.default_rng(1), 64, "train")
+    assert torch.equal(styled, again)
+    assert not torch.equal(plain, styled)
+    assert bool((plain[:, :, 0, 0] == 1.0).all())  # plain: white corners
+    assert float((styled[:, :, 0, 0] < 1.0).float().mean()) > 0.5  # styled: light colours
+    pos, neg, owner = scenes_and_negatives(specs, np.random.default_rng(2), 64, 1.0, (), "train")
+    for i, j in enumerate(owner):
+        # No shape touches the border (margin): corners show the pair's background.
+        assert torch.allclose(neg[i, :, 0, 0], pos[j, :, 0, 0], atol=0.1)
+
+
+def test_evaluation_reports_the_heldout_style(tmp_path):
+    cfg = ClipTrainConfig(steps=1, batch_size=4, eval_prompts=6, eval_every=0, style="train")
+    metrics = train(cfg, None)["metrics"]
+    assert "heldout/img_pair_color_swap" in metrics and "img_pair_color_swap" in metrics
+    assert 0.0 <= metrics["heldout/i2t@1"] <= 1.0
