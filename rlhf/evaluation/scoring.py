@@ -33,7 +33,9 @@ def build_scorers(reward: str, critics: Sequence[str], device, dtype) -> dict[st
 
             scorers["oracle"] = ShapesOracleReward()
         else:
-            scorers[spec.split(":")[0]] = get_reward(spec, device=device, dtype=dtype)
+            # "import:pkg.mod:fn" is named "fn"; other specs by their kind ("brightness").
+            name = spec.rsplit(":", 1)[-1] if spec.startswith("import:") else spec.split(":")[0]
+            scorers[name] = get_reward(spec, device=device, dtype=dtype)
     return scorers
 
 
