@@ -70,8 +70,13 @@ ROWS: dict[str, dict | None] = {
     "no entailment loss": ABLATIONS["no-entailment"],
     "static cone": ABLATIONS["static-cone"],
     "no regressor": ABLATIONS["no-regressor"],
+    "full, two-sided": ABLATIONS["two-sided"],
+    "full, two-sided + rails": ABLATIONS["two-sided-rails"],
 }
 """Table rows: name -> HyperAlignConfig overrides (``None``: zero-shot cosine, no training)."""
+SHIPPABLE = ("full HyperAlign", "full, two-sided", "full, two-sided + rails")
+"""Rows whose models can be shipped (the cone model with its regressor): the one shipped is
+the (row, seed) with the best *validation* SRCC among the rows that were run."""
 METRICS = ("srcc", "plcc_logistic", "plcc")
 """Columns of the table."""
 
@@ -384,9 +389,17 @@ def stage_clip(clip: Path, out: Path) -> Path:
     return staged
 
 
-def ship(model: HyperAlign, target: Path) -> None:
-    """Save ``model`` (+ its CLIP file) to ``target`` atomically via ``save_pretrained``."""
+def ship(model: HyperAlign, target: Path, arch_json: Path | None = None) -> None:
+    """Save ``model`` (+ its CLIP file) to ``target`` atomically via ``save_pretrained``, and
+    the CLIP's architecture ``arch_json`` beside it (``<arch>.json``: the folder loads on any
+    machine without registering anything first)."""
     model.save_pretrained(target)
+    if arch_json is not None:
+        data = Path(arch_json).read_bytes()
+        side = Path(target) / Path(arch_json).name
+        if not side.is_file() or side.read_bytes() != data:
+            atomic_write_bytes(side, data)
+            side.chmod(0o644)
     size = sum(p.stat().st_size for p in target.iterdir()) / 1e6
     print(f"shipped {target}: {sorted(p.name for p in target.iterdir())}, {size:.1f} MB")
 
@@ -403,8 +416,8 @@ def run_experiment(
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         raise ValueError(f"unknown rows {unknown}; valid rows: {list(ROWS)}")
-    if ship_to is not None and "full HyperAlign" not in rows:
-        raise ValueError("shipping needs the 'full HyperAlign' row")
+    if ship_to is not None and not set(SHIPPABLE) & set(rows):
+        raise ValueError(f"shipping needs one of the rows {list(SHIPPABLE)}")
     if not Path(clip).is_file():
         raise FileNotFoundError(
             f"CLIP weights {clip} do not exist; train them with scripts/train_shapes_clip.py"
@@ -415,9 +428,10 @@ def run_experiment(
     for seed in cfg.seeds:
         results, models = run_seed(seed, staged, out, cfg, tuple(rows))
         per_seed.append(results)
-        val_srcc, model = models.get("full HyperAlign", (-np.inf, None))
-        if val_srcc > best[0]:
-            best = (val_srcc, seed, model)
+        for row in SHIPPABLE:
+            val_srcc, model = models.get(row, (-np.inf, None))
+            if val_srcc > best[0]:
+                best = (val_srcc, (row, seed), model)
     table = format_results(per_seed, rows)
     print("\n" + table)
     payload = {
@@ -428,12 +442,15 @@ def run_experiment(
             name: {k: list(v) for k, v in mean_std([r[name] for r in per_seed]).items()}
             for name in rows
         },
-        "best_full_seed": best[1],
+        "shipped": None if best[1] is None else {"row": best[1][0], "seed": best[1][1]},
     }
     atomic_write_json(out / "results.json", payload)
     atomic_write_text(out / "results.md", table + "\n")
     if ship_to is not None:
         model = best[2]
         model.config.extra = {**model.config.extra, "val_srcc": best[0]}
-        ship(model, ship_to)
+        print(f"shipping {best[1][0]!r} of seed {best[1][1]} (validation SRCC {best[0]:.4f})")
+        from shapes.assets import CLIP_CONFIG
+
+        ship(model, ship_to, Path(cfg.clip_arch) if cfg.clip_arch else CLIP_CONFIG)
     return payload

@@ -19,6 +19,7 @@ from shapes.assets import REWARD_DIR
 from shapes.clip_training import sample_specs
 from shapes.perturb import RaterModel, faithful_scene, perturbed_scenes
 from shapes.prompts import alignment
+from shapes.styles import sample_style, sample_world_style
 from shapes.world import render, to_tensor
 
 ASSET = REWARD_DIR
@@ -37,8 +38,9 @@ SRCC_MIN = 0.35
 MARGIN_OVER_COSINE = 0.07
 
 
-def make_heldout_set():
-    """Images (B, 3, 64, 64), prompts, simulated MOS and true alignment of a fresh set."""
+def make_heldout_set(style: str = "default"):
+    """Images (B, 3, 64, 64), prompts, simulated MOS and true alignment of a fresh set, drawn
+    in style family ``style`` (a layout world per prompt, a rendering per image)."""
     rng = np.random.default_rng(NEW_SEED)
     specs, seen = [], set()
     while len(specs) < N_PROMPTS:
@@ -49,11 +51,13 @@ def make_heldout_set():
     raters = RaterModel()
     biases = raters.biases(NEW_SEED)
     images, prompts, mos, truth = [], [], [], []
+    srng = np.random.default_rng([NEW_SEED, 1])  # style draws (none for "default")
     for spec in specs:
-        scene = faithful_scene(spec, rng)
-        for s in [scene, *(p.scene for p in perturbed_scenes(spec, scene, rng))]:
+        world = sample_world_style(srng, style)
+        scene = faithful_scene(spec, rng, world)
+        for s in [scene, *(p.scene for p in perturbed_scenes(spec, scene, rng, world))]:
             a = alignment(spec, s.objects)
-            images.append(render(s))
+            images.append(render(s, sample_style(srng, style)))
             prompts.append(spec.text)
             mos.append(raters.mos(a, biases, rng))
             truth.append(a)

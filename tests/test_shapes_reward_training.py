@@ -19,15 +19,18 @@ def test_tiny_run_writes_results_and_ships_a_loadable_reward(tmp_path):
     ship = tmp_path / "shipped"
     payload = run_experiment(cfg, CLIP_WEIGHTS, tmp_path / "run", rows, ship_to=ship)
     results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert results == json.loads(json.dumps(payload)) and results["best_full_seed"] == 0
+    assert results == json.loads(json.dumps(payload)) and results["shipped"] == {
+        "row": "full HyperAlign",
+        "seed": 0,
+    }
     assert set(results["per_seed"][0]) == set(rows)
     table = (tmp_path / "run" / "results.md").read_text()
     assert "| full HyperAlign |" in table and "| zero-shot cosine |" in table
-    assert sorted(p.name for p in ship.iterdir()) == [
-        "clip.safetensors",
-        "config.json",
-        "model.safetensors",
-    ]
+    from shapes.assets import CLIP_CONFIG
+
+    assert sorted(p.name for p in ship.iterdir()) == sorted(
+        ["clip.safetensors", "config.json", "model.safetensors", CLIP_CONFIG.name]
+    )
     model = HyperAlign.from_pretrained(ship)
     assert model.config.extra["row"] == "full HyperAlign" and "val_srcc" in model.config.extra
     # The dataset of the seed is kept and reused by the next run.
@@ -38,7 +41,7 @@ def test_bad_requests_fail_before_any_work(tmp_path):
     cfg = ShapesHyperAlignConfig(seeds=(0,), n_prompts=30, epochs=1)
     with pytest.raises(ValueError, match="unknown rows"):
         run_experiment(cfg, CLIP_WEIGHTS, tmp_path, ("best row",))
-    with pytest.raises(ValueError, match="needs the 'full HyperAlign' row"):
+    with pytest.raises(ValueError, match="shipping needs one of the rows"):
         run_experiment(cfg, CLIP_WEIGHTS, tmp_path, ("zero-shot cosine",), ship_to=tmp_path / "s")
     with pytest.raises(FileNotFoundError, match="train them with scripts/train_shapes_clip.py"):
         run_experiment(cfg, tmp_path / "missing.safetensors", tmp_path)
