@@ -75,7 +75,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     loss = ge.select_loss(per_seed)
     table = ge.results_table(per_seed, rows)
-    contrast = ge.contrasts(per_seed, ge.planned_contrasts(loss))
+    from shapes.fresh import fresh_set
+
+    fresh = fresh_set(
+        ge.SHARED_SEED, ge.SHARED_PROMPTS, cfg.style, cfg.truth, cfg.unmentioned_weight
+    )
+    shared = (fresh.truth, fresh.prompts)
+    contrast = ge.contrasts(per_seed, ge.planned_contrasts(loss), shared=shared)
     text = (
         f"{len(per_seed)} seeds; loss selected on validation: {loss}\n\n{table}\n\n"
         f"SRCC vs true alignment, paired by seed (first two rows primary):\n\n"
@@ -87,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         text += (
             f"\nExploratory rows (added after the protocol), {len(explored)} seeds:\n\n"
             f"{ge.results_table(explored, list(ge.EXPLORATORY_ROWS))}\n\n"
-            f"{ge.contrast_table(ge.contrasts(explored, pairs))}\n"
+            f"{ge.contrast_table(ge.contrasts(explored, pairs, shared=shared))}\n"
         )
     print(text)
     atomic_write_text(args.out / "results.md", text)

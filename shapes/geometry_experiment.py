@@ -160,14 +160,79 @@ def paired_contrast(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
     }
 
 
+SHARED_SEED = 10_000
+"""Seed of the shared fresh test set (``shapes.fresh.fresh_set``) every seed's models score."""
+SHARED_PROMPTS = 200
+"""Held-out prompts of the shared test set (about 1,400 images)."""
+ROLE_SWAP_PROMPTS = 200
+"""Held-out prompts drawn for the role-swap pairs (those with two or more entities are used)."""
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks (average ties) along the last axis."""
+    return stats.rankdata(x, axis=-1)
+
+
+def _rowwise_srcc(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Spearman correlation of each row of ``pred`` ``(S, N)`` with ``truth`` ``(N,)``."""
+    rp, rt = _ranks(pred), _ranks(truth)
+    rp = rp - rp.mean(-1, keepdims=True)
+    rt = rt - rt.mean()
+    return (rp @ rt) / np.sqrt((rp * rp).sum(-1) * (rt @ rt))
+
+
+def clustered_bootstrap(
+    pred_a: np.ndarray,
+    pred_b: np.ndarray,
+    truth: np.ndarray,
+    prompts: Sequence[str],
+    n_boot: int = 10_000,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Mean over seeds of SRCC(a) - SRCC(b) vs ``truth`` on the shared test set, with a 95 %
+    prompt-clustered bootstrap interval: prompts (all of a prompt's images together) are
+    resampled with replacement. ``pred_*``: ``(S, N)`` predictions of the S seeds' models."""
+    groups = defaultdict(list)
+    for k, p in enumerate(prompts):
+        groups[p].append(k)
+    clusters = [np.array(v) for v in groups.values()]
+    rng = np.random.default_rng(seed)
+
+    def delta(idx: np.ndarray) -> float:
+        t = truth[idx]
+        return float(np.mean(_rowwise_srcc(pred_a[:, idx], t) - _rowwise_srcc(pred_b[:, idx], t)))
+
+    boots = [
+        delta(
+            np.concatenate([clusters[j] for j in rng.integers(len(clusters), size=len(clusters))])
+        )
+        for _ in range(n_boot)
+    ]
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return {
+        "shared_mean": delta(np.arange(len(truth))),
+        "shared_lo": float(lo),
+        "shared_hi": float(hi),
+    }
+
+
 def contrasts(
-    per_seed: list[dict], pairs: Sequence[tuple[str, str]], metric: str = "srcc_alignment"
+    per_seed: list[dict],
+    pairs: Sequence[tuple[str, str]],
+    metric: str = "srcc_alignment",
+    shared: tuple[np.ndarray, Sequence[str]] | None = None,
 ) -> list[dict]:
     """Paired contrasts ``a - b`` of ``metric`` over seeds, with Holm-adjusted p-values (over
-    the t-test p-values of all the pairs, and over the Wilcoxon ones)."""
+    the t-test p-values of all the pairs, and over the Wilcoxon ones). With ``shared`` =
+    (true alignment, prompts) of the shared test set and ``shared_pred`` in every seed's rows,
+    also the prompt-clustered bootstrap of :func:`clustered_bootstrap` on it."""
     rows = []
     for a, b in pairs:
         c = paired_contrast([s[a][metric] for s in per_seed], [s[b][metric] for s in per_seed])
+        if shared is not None and all("shared_pred" in s[r] for s in per_seed for r in (a, b)):
+            pa = np.array([s[a]["shared_pred"] for s in per_seed])
+            pb = np.array([s[b]["shared_pred"] for s in per_seed])
+            c.update(clustered_bootstrap(pa, pb, shared[0], shared[1]))
         rows.append({"a": a, "b": b, **c})
     for key in ("p_t", "p_wilcoxon"):
         for r, adj in zip(rows, holm([r[key] for r in rows])):
@@ -183,11 +248,29 @@ def run_seed(seed: int, clip_path, out, cfg, rows: Sequence[str]) -> dict:
     import time
 
     from shapes import reward_training as rt
+    from shapes.fresh import fresh_set, role_swap_set
 
     prepared = rt.prepare_seed(seed, clip_path, out, cfg)
     feats, target_range, backbone = prepared.feats, prepared.target_range, prepared.backbone
     test, test_rows = feats["test"], prepared.rows["test"]
     prompts = [r.prompt for r in test_rows]
+    world = (cfg.style, cfg.truth, cfg.unmentioned_weight)
+    shared = fresh_set(SHARED_SEED, SHARED_PROMPTS, *world)
+    shared_feats = rt.encode_tensors(backbone, shared.images, shared.prompts)
+    swap_images, swap_prompts, _ = role_swap_set(SHARED_SEED, ROLE_SWAP_PROMPTS, *world)
+    swap_feats = rt.encode_tensors(backbone, swap_images, swap_prompts)
+
+    def extra_metrics(score) -> dict:
+        on_shared, on_swap = score(shared_feats), score(swap_feats)
+        return {
+            "shared_pred": [round(float(v), 6) for v in on_shared],
+            "shared_srcc": float(stats.spearmanr(on_shared, shared.truth).statistic),
+            "role_swap_acc": float(np.mean(on_swap[0::2] > on_swap[1::2])),
+        }
+
+    def cosine(f) -> np.ndarray:
+        return torch.nn.functional.cosine_similarity(f["image"], f["text"], dim=-1).double().numpy()
+
     results = {}
     for name in rows:
         t = time.time()
@@ -195,6 +278,7 @@ def run_seed(seed: int, clip_path, out, cfg, rows: Sequence[str]) -> dict:
         if overrides is None:
             cos = torch.nn.functional.cosine_similarity(test["image"], test["text"], dim=-1)
             results[name] = analyse_predictions(cos.double().numpy(), test, test_rows)
+            results[name].update(extra_metrics(cosine))
         else:
             extra = {"dataset": "shapes", "seed": seed, "row": name}
             model_cfg = rt.clip_config(cfg, target_range=target_range, extra=extra, **overrides)
@@ -203,6 +287,7 @@ def run_seed(seed: int, clip_path, out, cfg, rows: Sequence[str]) -> dict:
             )
             results[name] = analyse_predictions(rt.predict(model, test), test, test_rows)
             results[name].update(geometry_diagnostics(model, test, prompts))
+            results[name].update(extra_metrics(lambda f, m=model: rt.predict(m, f)))
             results[name].update(val_srcc=info["val_srcc"], best_epoch=info["best_epoch"])
         r = results[name]
         print(
@@ -247,6 +332,8 @@ def exploratory_contrasts() -> list[tuple[str, str]]:
 
 METRICS = (
     "srcc_alignment",
+    "shared_srcc",
+    "role_swap_acc",
     "within_prompt_srcc",
     "srcc_mos",
     "acc_subset",
@@ -277,12 +364,18 @@ def results_table(per_seed: list[dict], rows: Sequence[str]) -> str:
 def contrast_table(rows: list[dict]) -> str:
     """Markdown table of :func:`contrasts` output."""
     lines = [
-        "| contrast (a − b) | n | mean | 95 % t-interval | p (t, Holm) | p (Wilcoxon, Holm) |",
-        "|---|---|---|---|---|---|",
+        "| contrast (a − b) | n | mean | 95 % t-interval | p (t, Holm) | p (Wilcoxon, Holm) "
+        "| shared set: mean [95 % prompt bootstrap] |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        shared = (
+            f"{r['shared_mean']:+.4f} [{r['shared_lo']:+.4f}, {r['shared_hi']:+.4f}]"
+            if "shared_mean" in r
+            else "—"
+        )
         lines.append(
             f"| {r['a']} − {r['b']} | {r['n']} | {r['mean']:+.4f} | [{r['lo']:+.4f}, "
-            f"{r['hi']:+.4f}] | {r['p_t_holm']:.3g} | {r['p_wilcoxon_holm']:.3g} |"
+            f"{r['hi']:+.4f}] | {r['p_t_holm']:.3g} | {r['p_wilcoxon_holm']:.3g} | {shared} |"
         )
     return "\n".join(lines)

@@ -178,6 +178,22 @@ def encode(backbone, rows: dict[str, list], batch: int = 256) -> dict[str, dict[
     return out
 
 
+@torch.no_grad()
+def encode_tensors(
+    backbone, images: torch.Tensor, prompts: list[str], batch: int = 256
+) -> dict[str, torch.Tensor]:
+    """Raw CLIP features ``(N, D)`` of in-memory images ``(N, 3, H, W)`` and their prompts."""
+    model = HyperAlign(
+        HyperAlignConfig(backbone=register_clip_config(), pretrained=None, tuning="frozen"),
+        backbone=backbone,
+    ).eval()
+    f_i, f_t = [], []
+    for k in range(0, len(prompts), batch):
+        f_i.append(model.clip.encode_image(model.preprocess(images[k : k + batch])))
+        f_t.append(model.clip.encode_text(model.tokenize(prompts[k : k + batch])))
+    return {"image": torch.cat(f_i), "text": torch.cat(f_t)}
+
+
 def predict(model: HyperAlign, feats: dict[str, torch.Tensor]) -> np.ndarray:
     """Scores ``(N,)`` of cached raw features through the adapters and the head."""
     return head_outputs(model, feats).score.double().numpy()

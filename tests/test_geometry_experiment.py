@@ -102,3 +102,24 @@ def test_exploratory_rows_are_added_to_seeds_already_done(tmp_path, monkeypatch)
     calls.clear()
     assert script.main(argv) == 0  # everything cached: no training at all
     assert calls == []
+
+
+def test_rowwise_srcc_matches_scipy():
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    pred, truth = rng.normal(size=(3, 40)), rng.integers(0, 5, 40).astype(float)
+    want = [stats.spearmanr(p, truth).statistic for p in pred]
+    assert ge._rowwise_srcc(pred, truth) == pytest.approx(want)
+
+
+def test_clustered_bootstrap_separates_a_better_model_and_not_a_copy():
+    rng = np.random.default_rng(1)
+    prompts = [f"p{k // 7}" for k in range(210)]  # 30 prompts x 7 images
+    truth = rng.random(210)
+    good = truth[None] + 0.1 * rng.normal(size=(4, 210))
+    bad = truth[None] + 1.0 * rng.normal(size=(4, 210))
+    out = ge.clustered_bootstrap(good, bad, truth, prompts, n_boot=300)
+    assert out["shared_lo"] > 0 and out["shared_lo"] <= out["shared_mean"] <= out["shared_hi"]
+    same = ge.clustered_bootstrap(good, good, truth, prompts, n_boot=50)
+    assert same["shared_mean"] == same["shared_lo"] == same["shared_hi"] == 0.0

@@ -9,18 +9,13 @@ Thresholds come from the results table of ``shapes.reward_training`` (BENCHMARKS
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from reward import build_reward
 from reward.metrics import srcc
 from shapes.assets import REWARD_DIR
-from shapes.clip_training import sample_specs
-from shapes.perturb import RaterModel, faithful_scene, perturbed_scenes
-from shapes.prompts import alignment
-from shapes.styles import sample_style, sample_world_style
-from shapes.world import render, to_tensor
+from shapes.fresh import fresh_set
 
 ASSET = REWARD_DIR
 NEW_SEED = 20260
@@ -40,28 +35,9 @@ MARGIN_OVER_COSINE = 0.07
 
 def make_heldout_set(style: str = "default"):
     """Images (B, 3, 64, 64), prompts, simulated MOS and true alignment of a fresh set, drawn
-    in style family ``style`` (a layout world per prompt, a rendering per image)."""
-    rng = np.random.default_rng(NEW_SEED)
-    specs, seen = [], set()
-    while len(specs) < N_PROMPTS:
-        (spec,) = sample_specs(rng, 1, heldout=True)
-        if spec.text not in seen:
-            seen.add(spec.text)
-            specs.append(spec)
-    raters = RaterModel()
-    biases = raters.biases(NEW_SEED)
-    images, prompts, mos, truth = [], [], [], []
-    srng = np.random.default_rng([NEW_SEED, 1])  # style draws (none for "default")
-    for spec in specs:
-        world = sample_world_style(srng, style)
-        scene = faithful_scene(spec, rng, world)
-        for s in [scene, *(p.scene for p in perturbed_scenes(spec, scene, rng, world))]:
-            a = alignment(spec, s.objects)
-            images.append(render(s, sample_style(srng, style)))
-            prompts.append(spec.text)
-            mos.append(raters.mos(a, biases, rng))
-            truth.append(a)
-    return to_tensor(np.stack(images)), prompts, np.array(mos), np.array(truth)
+    in style family ``style`` (``shapes.fresh.fresh_set``)."""
+    fresh = fresh_set(NEW_SEED, N_PROMPTS, style)
+    return fresh.images, fresh.prompts, fresh.mos, fresh.truth
 
 
 @pytest.fixture(scope="module")
