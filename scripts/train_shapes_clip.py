@@ -1,4 +1,4 @@
-"""Pretrain the tiny shapes CLIP (``shapes-clip``) contrastively on faithful scene-caption pairs.
+"""Pretrain the tiny shapes CLIP (``shapes.assets.CLIP_ARCH``) contrastively on scene-caption pairs.
 
 Usage::
 

@@ -1,4 +1,4 @@
-"""Contrastive pretraining of the tiny shapes CLIP (``shapes-clip``) on faithful scene-caption pairs.
+"""Contrastive pretraining of the tiny shapes CLIP (``shapes.assets.CLIP_ARCH``) on scene-caption pairs.
 
 Every step of :func:`train` draws ``batch_size`` prompts from the shapes grammar, renders one
 faithful scene per prompt (on the fly, 64 x 64, deterministic from the seed) and takes a
@@ -18,7 +18,7 @@ zero-shot retrieval on them:
 
 :func:`save_clip` writes the open_clip weights as safetensors (atomically) and, next to them,
 ``<out>.json`` with the resolved config and the metrics. Loading:
-``reward.backbone.load_backbone("shapes-clip", "<out>")``. The shipped weights are
+``reward.backbone.load_backbone(CLIP_ARCH, "<out>")``. The shipped weights are
 ``shapes/assets/reward/clip.safetensors`` (``scripts/train_shapes_clip.py`` rebuilds them).
 
 Reproducibility: same seed, torch version, CPU kind and ``threads`` give bit-identical
@@ -100,7 +100,7 @@ class ClipTrainConfig:
     force the image tower to see what the captions say beyond colour."""
     arch: str = ""
     """open_clip architecture as a JSON file (``{"embed_dim", "vision_cfg", "text_cfg"}``,
-    registered under its file stem); empty: the shipped ``shapes/assets/reward/shapes-clip.json``."""
+    registered under its file stem); empty: the shipped ``shapes.assets.CLIP_CONFIG``."""
     negative_kinds: tuple[str, ...] = ()
     """Perturbation kinds the image-side hard negatives are drawn from (empty: all of
     ``shapes.perturb.KINDS``)."""
@@ -116,7 +116,7 @@ class ClipTrainConfig:
     weight_decay: float = 0.05
     """AdamW weight decay on matrices (not on biases, norms, embeddings, logit scale)."""
     image_size: int = 64
-    """Render size in pixels (the config ``shapes-clip`` takes 64 x 64 input)."""
+    """Render size in pixels (the shipped architecture takes 64 x 64 input)."""
     eval_prompts: int = 200
     """Held-out prompts in the retrieval evaluation."""
     eval_every: int = 200

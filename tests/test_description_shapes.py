@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from reward.backbone import load_backbone
-from shapes.assets import CLIP_WEIGHTS
+from shapes.assets import CLIP_ARCH, CLIP_WEIGHTS
 from shapes.perturb import faithful_scene
 from shapes.prompts import parse_prompt
 from shapes.world import SHAPES, SIZES, render, to_tensor
@@ -38,7 +38,7 @@ def _images(colour: str, n: int, seed: int) -> torch.Tensor:
 
 @pytest.mark.skipif(not ASSET.is_file(), reason="shipped shapes CLIP not built")
 def test_selection_keeps_discriminative_descriptions_and_beats_chance():
-    backbone = load_backbone("shapes-clip", str(ASSET))
+    backbone = load_backbone(CLIP_ARCH, str(ASSET))
     lists = []
     for i, colour in enumerate(CLASSES.values()):
         distract = [DISTRACTORS[i], DISTRACTORS[(i + 1) % 4]]

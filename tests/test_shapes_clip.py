@@ -8,6 +8,7 @@ import json
 import numpy as np
 import torch
 
+from shapes.assets import CLIP_ARCH
 from shapes.clip_training import (
     ClipTrainConfig,
     contrastive_loss,
@@ -83,7 +84,7 @@ def test_tiny_training_run_saves_loadable_weights(tmp_path):
     assert info["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
     assert info["config"]["steps"] == 2 and 0.0 <= info["metrics"]["i2t@1"] <= 1.0
     assert out.stat().st_mode & 0o777 == 0o644
-    backbone = load_backbone("shapes-clip", str(out))
+    backbone = load_backbone(CLIP_ARCH, str(out))
     state = backbone.model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in result["state"].items())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.json", "clip.safetensors"]

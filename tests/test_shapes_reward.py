@@ -14,23 +14,28 @@ import torch
 
 from reward import build_reward
 from reward.metrics import srcc
-from shapes.assets import REWARD_DIR
+from shapes.assets import CLIP_CONFIG, REWARD_DIR
 from shapes.fresh import fresh_set
 
 ASSET = REWARD_DIR
 NEW_SEED = 20260
 N_PROMPTS = 48
 
-# Results table (BENCHMARKS.md, "HyperAlign on the shapes world"; 3 seeds, ~850 test pairs
-# each): full HyperAlign SRCC 0.5358 ± 0.0568, zero-shot cosine 0.4763 ± 0.0113. This fresh
-# set has ~350 pairs, which adds sampling noise of about (1 - rho^2) / sqrt(n) ~ 0.04 to an
-# SRCC; the floor sits well below every seed's test SRCC (0.472-0.581). A monotone map of the
-# cosine (an untrained head, or a calibration only) ranks exactly like zero-shot cosine (0.374
-# on this set) and fails the margin check.
-SRCC_MIN = 0.35
-# The learned reward must beat zero-shot cosine of the same tiny CLIP on the same pairs by at
-# least 0.07; the shipped reward scores 0.587 against 0.374 on these CLIP-held-out prompts.
-MARGIN_OVER_COSINE = 0.07
+# Shipped reward v3 (BENCHMARKS.md, "HyperAlign on the shapes world"; the CLIP v3, trained on
+# the randomised "train" style): on this fresh set (~350 pairs; sampling noise of an SRCC about
+# (1 - rho^2) / sqrt(n) ~ 0.02) it scores, plain style / held-out style: vs true alignment
+# 0.807 / 0.732, vs MOS 0.717 / 0.658; the zero-shot cosine of its CLIP vs MOS 0.427 / 0.320.
+# The floors sit a few noise widths below, so a rebuild on another CPU still passes; a monotone
+# map of the cosine (an untrained head, a calibration only) ranks like the cosine and fails
+# the margin check.
+FLOORS = {
+    # style: (SRCC vs true alignment, SRCC vs MOS)
+    "default": (0.75, 0.65),
+    "heldout": (0.66, 0.58),
+}
+MARGIN_OVER_COSINE = 0.15
+"""The learned reward must beat the zero-shot cosine of the same tiny CLIP on the same pairs
+(SRCC vs MOS) by this much."""
 
 
 def make_heldout_set(style: str = "default"):
@@ -57,9 +62,9 @@ def shapes_reward():
 
 def test_shipped_checkpoint_is_small_and_safetensors():
     files = sorted(p.name for p in ASSET.iterdir())
-    assert files == ["clip.safetensors", "config.json", "model.safetensors", "shapes-clip.json"], (
-        files
-    )
+    assert files == sorted(
+        ["clip.safetensors", "config.json", "model.safetensors", CLIP_CONFIG.name]
+    ), files
     total = sum(p.stat().st_size for p in ASSET.iterdir())
     assert total <= 20 * 2**20, f"shipped shapes checkpoint is {total / 2**20:.1f} MiB > 20 MiB"
 
@@ -72,8 +77,11 @@ def test_shapes_reward_contract(shapes_reward, heldout_set):
     assert set(info) >= {"s_base", "alpha", "gamma"} and len(info["s_base"]) == 5
 
 
-def test_shapes_reward_learned_alignment(shapes_reward, heldout_set):
-    images, prompts, mos, truth = heldout_set
+@pytest.mark.parametrize("style", ["default", "heldout"])
+def test_shapes_reward_learned_alignment(shapes_reward, heldout_set, style):
+    """The floors hold in the plain style and in the held-out style family (never trained on:
+    striped backgrounds, shade outlines)."""
+    images, prompts, mos, truth = heldout_set if style == "default" else make_heldout_set(style)
     rewards, _ = shapes_reward(images, prompts)
     rewards = rewards.double().numpy()
     # Zero-shot cosine of the same tiny CLIP, without adapters or head (CLIPScore analogue).
@@ -85,13 +93,13 @@ def test_shapes_reward_learned_alignment(shapes_reward, heldout_set):
     learned, zero_shot = srcc(rewards, mos), srcc(cosine, mos)
     vs_truth = srcc(rewards, truth)
     print(
-        f"n={len(mos)}: SRCC vs MOS: reward {learned:.4f}, zero-shot cosine {zero_shot:.4f}; "
-        f"reward vs true alignment {vs_truth:.4f}"
+        f"{style} style, n={len(mos)}: SRCC vs MOS: reward {learned:.4f}, zero-shot cosine "
+        f"{zero_shot:.4f}; reward vs true alignment {vs_truth:.4f}"
     )
-    assert learned > SRCC_MIN, f"shapes reward SRCC {learned:.4f} <= floor {SRCC_MIN}"
+    truth_floor, mos_floor = FLOORS[style]
+    assert vs_truth > truth_floor, f"SRCC vs true alignment {vs_truth:.4f} <= {truth_floor}"
+    assert learned > mos_floor, f"SRCC vs MOS {learned:.4f} <= {mos_floor}"
     assert learned > zero_shot + MARGIN_OVER_COSINE, (
         f"shapes reward SRCC {learned:.4f} is not {MARGIN_OVER_COSINE} above zero-shot cosine "
         f"{zero_shot:.4f}"
     )
-    # Against the exact alignment (no rater noise) it must clear the same floor.
-    assert vs_truth > SRCC_MIN, f"shapes reward SRCC vs true alignment {vs_truth:.4f}"
