@@ -87,6 +87,15 @@ def main(argv: list[str] | None = None) -> int:
         f"SRCC vs true alignment, paired by seed (first two rows primary):\n\n"
         f"{ge.contrast_table(contrast)}\n"
     )
+    trained = [r for r in rows if ge.ALL_ROWS[r] is not None]
+    fixed = [s for s in per_seed if all(ge.fixed_name(r) in s for r in trained)]
+    if len(fixed) >= 2:
+        pairs = [(ge.fixed_name(a), ge.fixed_name(b)) for a, b in ge.planned_contrasts(loss)]
+        text += (
+            f"\nFixed epochs ({cfg.epochs}, no early stopping), {len(fixed)} seeds:\n\n"
+            f"{ge.results_table(fixed, [ge.fixed_name(r) for r in trained])}\n\n"
+            f"{ge.contrast_table(ge.contrasts(fixed, pairs, shared=shared))}\n"
+        )
     explored = [s for s in per_seed if all(r in s for r in ge.EXPLORATORY_ROWS)]
     if len(explored) >= 2:
         pairs = ge.exploratory_contrasts()

@@ -243,6 +243,10 @@ def contrasts(
 # ---------------------------------------------------------------------------- the runs
 
 
+_SHARED_CACHE: dict = {}
+"""The shared fresh set and role-swap pairs with their features, per (CLIP, world)."""
+
+
 def run_seed(seed: int, clip_path, out, cfg, rows: Sequence[str]) -> dict:
     """Every requested row on seed ``seed``'s dataset: ``{row: metrics and diagnostics}``."""
     import time
@@ -255,10 +259,15 @@ def run_seed(seed: int, clip_path, out, cfg, rows: Sequence[str]) -> dict:
     test, test_rows = feats["test"], prepared.rows["test"]
     prompts = [r.prompt for r in test_rows]
     world = (cfg.style, cfg.truth, cfg.unmentioned_weight)
-    shared = fresh_set(SHARED_SEED, SHARED_PROMPTS, *world)
-    shared_feats = rt.encode_tensors(backbone, shared.images, shared.prompts)
-    swap_images, swap_prompts, _ = role_swap_set(SHARED_SEED, ROLE_SWAP_PROMPTS, *world)
-    swap_feats = rt.encode_tensors(backbone, swap_images, swap_prompts)
+    key = (str(clip_path), cfg.clip_arch, world)
+    if key not in _SHARED_CACHE:  # the same for every seed of a run: render and encode once
+        shared = fresh_set(SHARED_SEED, SHARED_PROMPTS, *world)
+        shared_feats = rt.encode_tensors(backbone, shared.images, shared.prompts)
+        swap_images, swap_prompts, _ = role_swap_set(SHARED_SEED, ROLE_SWAP_PROMPTS, *world)
+        swap_feats = rt.encode_tensors(backbone, swap_images, swap_prompts)
+        _SHARED_CACHE.clear()
+        _SHARED_CACHE[key] = (shared, shared_feats, swap_feats)
+    shared, shared_feats, swap_feats = _SHARED_CACHE[key]
 
     def extra_metrics(score) -> dict:
         on_shared, on_swap = score(shared_feats), score(swap_feats)
@@ -270,6 +279,12 @@ def run_seed(seed: int, clip_path, out, cfg, rows: Sequence[str]) -> dict:
 
     def cosine(f) -> np.ndarray:
         return torch.nn.functional.cosine_similarity(f["image"], f["text"], dim=-1).double().numpy()
+
+    def judge(model) -> dict:
+        r = analyse_predictions(rt.predict(model, test), test, test_rows)
+        r.update(geometry_diagnostics(model, test, prompts))
+        r.update(extra_metrics(lambda f: rt.predict(model, f)))
+        return r
 
     results = {}
     for name in rows:
@@ -283,12 +298,20 @@ def run_seed(seed: int, clip_path, out, cfg, rows: Sequence[str]) -> dict:
             extra = {"dataset": "shapes", "seed": seed, "row": name}
             model_cfg = rt.clip_config(cfg, target_range=target_range, extra=extra, **overrides)
             model, info = rt.fit(
-                model_cfg, backbone, clip_path.parent, feats, target_range, seed, cfg
+                model_cfg,
+                backbone,
+                clip_path.parent,
+                feats,
+                target_range,
+                seed,
+                cfg,
+                fixed_epochs=True,
             )
-            results[name] = analyse_predictions(rt.predict(model, test), test, test_rows)
-            results[name].update(geometry_diagnostics(model, test, prompts))
-            results[name].update(extra_metrics(lambda f, m=model: rt.predict(m, f)))
+            results[name] = judge(model)
             results[name].update(val_srcc=info["val_srcc"], best_epoch=info["best_epoch"])
+            model.load_checkpoint_state(info["last_state"])
+            model.eval()
+            results[fixed_name(name)] = judge(model)
         r = results[name]
         print(
             f"seed {seed} {name:>30}: SRCC(align) {r['srcc_alignment']:.4f} within "
@@ -297,6 +320,11 @@ def run_seed(seed: int, clip_path, out, cfg, rows: Sequence[str]) -> dict:
             flush=True,
         )
     return results
+
+
+def fixed_name(row: str) -> str:
+    """Key of a row's fixed-epoch model (all epochs run, no early stopping) in a seed's results."""
+    return f"{row} @ fixed epochs"
 
 
 def select_loss(per_seed: list[dict]) -> str:

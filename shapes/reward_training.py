@@ -236,8 +236,13 @@ def fit(
     target_range: tuple[float, float],
     seed: int,
     cfg: ShapesHyperAlignConfig,
+    fixed_epochs: bool = False,
 ) -> tuple[HyperAlign, dict]:
-    """Train one model on cached features; returns it (best validation epoch) and its log."""
+    """Train one model on cached features; returns it (best validation epoch) and its log.
+
+    With ``fixed_epochs`` early stopping only picks the returned state: training runs all
+    ``cfg.epochs`` epochs and ``info["last_state"]`` holds the state after the last one.
+    """
     torch.manual_seed(seed)
     model = HyperAlign(model_cfg, backbone=backbone, base_dir=clip_dir)
     tcfg = TrainConfig(
@@ -267,11 +272,14 @@ def fit(
             bad = 0
         else:
             bad += 1
-            if bad >= tcfg.patience:
+            if bad >= tcfg.patience and not fixed_epochs:
                 break
+    info = {"best_epoch": best[1], "val_srcc": best[0], "history": history}
+    if fixed_epochs:
+        info["last_state"] = copy.deepcopy(model.trainable_state_dict())
     model.load_checkpoint_state(best[2])
     model.eval()
-    return model, {"best_epoch": best[1], "val_srcc": best[0], "history": history}
+    return model, info
 
 
 def dataset_name(seed: int, cfg: ShapesHyperAlignConfig) -> str:

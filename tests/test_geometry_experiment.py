@@ -83,11 +83,19 @@ def test_exploratory_rows_are_added_to_seeds_already_done(tmp_path, monkeypatch)
 
     def run_seed(seed, clip, out, cfg, rows):
         calls.append((seed, list(rows)))
-        return {name: _fake_metrics(seed, name) for name in rows}
+        done = {name: _fake_metrics(seed, name) for name in rows}
+        fixed = {
+            ge.fixed_name(n): _fake_metrics(seed + 100, n)
+            for n in rows
+            if ge.ALL_ROWS[n] is not None
+        }
+        return {**done, **fixed}
 
     monkeypatch.setattr(script.ge, "run_seed", run_seed)
     monkeypatch.setattr(script, "stage_clip", lambda clip, out: clip)
     done = {name: _fake_metrics(0, name) for name in ge.EXPERIMENT_ROWS}
+    trained = [n for n in ge.EXPERIMENT_ROWS if ge.ALL_ROWS[n] is not None]
+    done.update({ge.fixed_name(n): _fake_metrics(100, n) for n in trained})
     (tmp_path / "seed_0.json").write_text(json.dumps(done))
     argv = ["--clip", "x.safetensors", "--out", str(tmp_path), "--seeds", "0", "1"]
     assert script.main([*argv, "--exploratory"]) == 0
@@ -95,10 +103,14 @@ def test_exploratory_rows_are_added_to_seeds_already_done(tmp_path, monkeypatch)
     assert calls[0] == (0, list(ge.EXPLORATORY_ROWS))
     assert calls[1] == (1, list(ge.EXPERIMENT_ROWS) + list(ge.EXPLORATORY_ROWS))
     merged = json.loads((tmp_path / "seed_0.json").read_text())
-    assert set(merged) == set(ge.ALL_ROWS)
+    fixed = {ge.fixed_name(n) for n in ge.ALL_ROWS if ge.ALL_ROWS[n] is not None}
+    assert set(merged) == set(ge.ALL_ROWS) | fixed
     assert merged["calibrated cosine"] == done["calibrated cosine"]  # kept, not recomputed
     text = (tmp_path / "results.md").read_text()
     assert "Exploratory rows" in text and "full, two-sided + rails" in text
+    # Both seeds have the fixed-epoch models: their own table and contrasts.
+    fixed_part = text.split("Fixed epochs")[1].split("Exploratory rows")[0]
+    assert "@ fixed epochs − calibrated cosine @ fixed epochs" in fixed_part
     calls.clear()
     assert script.main(argv) == 0  # everything cached: no training at all
     assert calls == []
