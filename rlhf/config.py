@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hyperalign.common import atomic_write_text, strict_json
-from shapes.assets import SD_DIR
+from shapes.assets import FLOW_DIR, SD_DIR
 
 __all__ = [
     "DDPOConfig",
@@ -40,7 +40,7 @@ __all__ = [
 
 ADVANTAGE_MODES = ("per_prompt", "group", "group_centered", "global")
 TIMESTEP_SELECTIONS = ("random", "early")
-TRAIN_MODES = ("ppo", "draft")
+TRAIN_MODES = ("ppo", "draft", "raft", "nft")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 LOG_WITH = ("tensorboard", "wandb", "all", "none")
 
@@ -100,7 +100,7 @@ class DDPOConfig:
     "fixed:a red cube|a blue ball", "file:prompts.txt")."""
     reward_fn: str = "brightness"
     """Reward function spec, see `rlhf.rewards.get_reward` (e.g. "brightness",
-    "hyperalign:<name_or_path>")."""
+    "hyperalign:<name_or_path>", "import:<package.module>:<function or class>")."""
     negative_prompt: str = ""
     """Negative prompt for the unconditional branch of CFG ("" is the plain unconditional)."""
     async_reward_computation: bool = True
@@ -126,9 +126,30 @@ class DDPOConfig:
     # --- training -------------------------------------------------------------------------
     train_mode: str = "ppo"
     """"ppo": DDPO PPO-clip; "draft": differentiable reward, backprop through the last
-    `draft_k` steps (DRaFT-K), needs a reward with a differentiable `score(images, prompts)`."""
+    `draft_k` steps (DRaFT-K), needs a reward with a differentiable `score(images, prompts)`;
+    "raft": the denoising loss on the best `raft_keep` images of each prompt's group (RAFT);
+    "nft": the denoising loss on every image, split into a positive and a negative branch by
+    its advantage (DiffusionNFT). See `rlhf.draft` and `rlhf.denoising`."""
     draft_k: int = 1
     """Steps backpropagated through in "draft" mode."""
+    draft_straight_through: bool = False
+    """"draft": pass the reward's gradient through the clamp of the decoded image to [0, 1]
+    unchanged (straight-through). False keeps the plain clamp, whose gradient is zero wherever
+    the VAE output leaves [0, 1] (on the shapes model: 93 % of the pixel values, mostly the
+    white background)."""
+    draft_random_k: bool = False
+    """"draft": draw the number of backpropagated steps uniformly from 1..draft_k for every
+    batch (AlignProp's randomized truncation) instead of always `draft_k`."""
+    draft_grad_checkpointing: bool = False
+    """"draft": recompute each backpropagated UNet forward during the backward pass
+    (activation memory of one step instead of `draft_k`; about one more forward per step)."""
+    raft_keep: int = 1
+    """"raft": images kept for training out of each prompt's group of
+    `sample_num_images_per_prompt` (those with the highest rewards; RAFT's best-of-K)."""
+    nft_beta: float = 1.0
+    """"nft": DiffusionNFT's beta, the step of the implicit positive / negative policies
+    `old + beta * (new - old)` / `old - beta * (new - old)`; the loss's minimiser moves the
+    prediction by `(2r - 1) / beta` of the way to the sample, so smaller is bolder."""
     train_batch_size: int = 1
     """Samples per training micro-batch, per process."""
     train_gradient_accumulation_steps: int = 1
@@ -149,7 +170,9 @@ class DDPOConfig:
     train_num_inner_epochs: int = 1
     """Passes over each epoch's samples."""
     train_cfg: bool = True
-    """Use CFG (same scale as sampling) when recomputing log-probs in training."""
+    """Use CFG (same scale as sampling) when recomputing log-probs in training ("ppo") and in
+    the denoising loss ("raft", "nft": the guided prediction is regressed, see
+    `rlhf.denoising`)."""
     train_adv_clip_max: float = 5.0
     """Clip advantages to [-x, x]."""
     train_clip_range: float = 1e-4
@@ -178,6 +201,19 @@ class DDPOConfig:
     per_prompt_stat_tracking_min_count: int = 16
     """Below this many rewards for a prompt, the batch mean/std is used instead."""
 
+    # --- flow-matching models (Flow-GRPO, `rlhf.flow`) -------------------------------------
+    trainer: str = "auto"
+    """"auto": chosen by the pipeline class of `pretrained_model` (Flow-GRPO for
+    StableDiffusion3Pipeline and "tiny-sd3", DDPO otherwise); "flow_grpo" or "ddpo" choose
+    explicitly (`rlhf.flow.select`). Flow-GRPO reads the other fields as DDPO does
+    (`sample_num_steps`: SDE steps, `train_kl_coef`: its KL beta, `lora_*`: on the
+    transformer), except `sample_eta`."""
+    flow_noise_level: float = 0.7
+    """Flow-GRPO's SDE noise level a (> 0): the step from flow time t to t' has std
+    a * sqrt(t / (1 - t)) * sqrt(t - t')."""
+    flow_max_sequence_length: int = 128
+    """T5 tokens per prompt for Stable Diffusion 3, in [1, 512] (diffusers' default: 256)."""
+
     extra: dict = field(default_factory=dict)
     """Free-form notes stored with the run (not used by the trainer)."""
 
@@ -190,7 +226,10 @@ class DDPOConfig:
     def derived(self, num_processes: int = 1) -> dict[str, int]:
         """Derived quantities, logged at start-up."""
         per_proc = self.sample_batch_size * self.sample_num_batches_per_epoch
-        micro_batches = per_proc // self.train_batch_size
+        trained = per_proc
+        if self.train_mode == "raft":  # only the best raft_keep of each group are trained
+            trained = per_proc // self.sample_num_images_per_prompt * self.raft_keep
+        micro_batches = trained // self.train_batch_size
         return {
             "num_processes": num_processes,
             "samples_per_epoch": per_proc * num_processes,
@@ -201,7 +240,7 @@ class DDPOConfig:
             "trained_timesteps_per_sample": self.num_train_timesteps,
             "optimizer_steps_per_epoch": micro_batches
             // self.train_gradient_accumulation_steps
-            * (self.train_num_inner_epochs if self.train_mode == "ppo" else 1),
+            * (self.train_num_inner_epochs if self.train_mode != "draft" else 1),
         }
 
     def validate(self) -> None:
@@ -264,6 +303,8 @@ class DDPOConfig:
         need(self.train_adam_weight_decay >= 0, "train_adam_weight_decay must be >= 0")
         need(self.train_kl_coef >= 0, "train_kl_coef must be >= 0")
         need(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}")
+        need(self.nft_beta > 0, f"nft_beta must be > 0, got {self.nft_beta}")
+        need(self.raft_keep >= 1, f"raft_keep must be >= 1, got {self.raft_keep}")
         need(
             self.resolution is None or (self.resolution > 0 and self.resolution % 8 == 0),
             f"resolution must be a positive multiple of 8, got {self.resolution}",
@@ -328,7 +369,30 @@ class DDPOConfig:
                 f"draft_k must be in [1, sample_num_steps={self.sample_num_steps}], "
                 f"got {self.draft_k}"
             )
+        if self.train_mode == "raft":
+            errs += self._raft_errors()
         return errs
+
+    def _raft_errors(self) -> list[str]:
+        """ "raft" trains the best `raft_keep` of each group: they must fill whole steps."""
+        k = self.sample_num_images_per_prompt
+        if not 1 <= self.raft_keep < k:
+            return [
+                f"train_mode='raft' keeps the best raft_keep of each prompt's "
+                f"sample_num_images_per_prompt={k} images: need 1 <= raft_keep < {k} (set "
+                f"sample_num_images_per_prompt >= 2), got raft_keep={self.raft_keep}"
+            ]
+        kept = self.sample_batch_size * self.sample_num_batches_per_epoch // k * self.raft_keep
+        if kept % self.train_batch_size or (
+            (kept // self.train_batch_size) % self.train_gradient_accumulation_steps
+        ):
+            return [
+                f"train_mode='raft' trains {kept} kept images per epoch per process; "
+                f"train_batch_size={self.train_batch_size} times "
+                f"train_gradient_accumulation_steps={self.train_gradient_accumulation_steps} "
+                "must divide it (change raft_keep, train_batch_size or the accumulation steps)"
+            ]
+        return []
 
     def to_dict(self) -> dict:
         """A JSON-ready dict of every field."""
@@ -507,11 +571,186 @@ def shapes_demo() -> DDPOConfig:
     return cfg
 
 
+# Flow-GRPO's LoRA targets on the SD3 transformer (yifan123/flow_grpo scripts/train_sd3.py):
+# the image and the text stream's attention projections of every joint block.
+SD3_LORA_TARGETS: tuple[str, ...] = (
+    "attn.add_k_proj",
+    "attn.add_q_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "attn.to_k",
+    "attn.to_out.0",
+    "attn.to_q",
+    "attn.to_v",
+)
+
+
+def tiny_sd3_cpu() -> DDPOConfig:
+    """`tiny_cpu` on the offline tiny Stable Diffusion 3 pipeline (`rlhf.flow.tiny`), trained
+    by Flow-GRPO with groups of 4 images per prompt: seconds per epoch. Used by tests; it
+    checks the machinery, not image quality."""
+    cfg = tiny_cpu()
+    cfg.run_name = "tiny-sd3-cpu"
+    cfg.pretrained_model = "tiny-sd3"
+    cfg.sample_num_images_per_prompt = 4
+    cfg.advantage_mode = "group"
+    cfg.flow_max_sequence_length = 16  # the tiny byte-level tokenizer's length
+    cfg.lora_target_modules = SD3_LORA_TARGETS
+    return cfg
+
+
+def sd35m_hyperalign() -> DDPOConfig:
+    """Stable Diffusion 3.5 Medium with the HyperAlign reward, trained by Flow-GRPO.
+
+    Settings of Flow-GRPO (Liu et al. 2025; yifan123/flow_grpo `config/grpo.py`, the SD3.5-M
+    runs, on `config/base.py`) unless noted. Sizes are per GPU: one group of 24 images per
+    sampling batch, 6 batches per GPU, so 8 GPUs sample the paper's 48 groups per epoch;
+    train micro-batch 8 with 9 accumulation steps gives its 2 optimizer steps per epoch.
+    `pretrained_model` may be a local folder of the pipeline instead of the hub id.
+    """
+    cfg = base()
+    cfg.run_name = "sd35m-hyperalign"
+    cfg.trainer = "flow_grpo"
+    cfg.pretrained_model = "stabilityai/stable-diffusion-3.5-medium"  # grpo.py
+    # A HyperAlign checkpoint trained with `hyperalign train-reward` (README); override with
+    # --set reward_fn=hyperalign:<checkpoint dir or hub id>.
+    cfg.reward_fn = "hyperalign:runs/agiqa3k/split_0/best"
+    cfg.prompt_fn = "simple_animals"
+    # base.py trains in fp16; bf16 is the dtype of the SD3.5 model card's examples and needs
+    # no loss scaling.
+    cfg.mixed_precision = "bf16"
+    cfg.resolution = 512  # grpo.py: resolution
+    cfg.sample_num_steps = 10  # grpo.py: sample.num_steps (training)
+    # grpo.py: sample.eval_num_steps = 40; the trainer does not evaluate, generate with
+    # pipe(num_inference_steps=40) after load_lora_weights.
+    cfg.extra = {"eval_num_steps": 40}
+    cfg.sample_guidance_scale = 4.5  # grpo.py: sample.guidance_scale
+    cfg.flow_noise_level = 0.7  # base.py: sample.noise_level
+    cfg.flow_max_sequence_length = 128  # train_sd3.py: compute_text_embeddings(..., 128)
+    cfg.sample_num_images_per_prompt = 24  # grpo.py: sample.num_image_per_prompt
+    cfg.sample_batch_size = 24  # a group lies inside one sampling batch here
+    cfg.sample_num_batches_per_epoch = 6  # README: 48 groups per epoch (with 8 GPUs)
+    # The paper's group-normalised advantage; grpo.py sets sample.global_std = True (one std
+    # for the epoch), closest here: "group_centered".
+    cfg.advantage_mode = "group"
+    cfg.train_batch_size = 8  # grpo.py: train.batch_size = 9, which does not divide 144
+    cfg.train_gradient_accumulation_steps = 9  # 144 / 8 / 9 = 2 optimizer steps per epoch
+    cfg.train_num_inner_epochs = 1  # grpo.py
+    cfg.train_timestep_fraction = 0.99  # grpo.py: 9 of the 10 steps
+    cfg.train_timestep_selection = "early"  # train_sd3.py trains the first 9 steps
+    cfg.train_kl_coef = 0.04  # grpo.py: train.beta (GenEval, OCR; PickScore 0.01)
+    cfg.train_clip_range = 1e-4  # base.py: train.clip_range
+    cfg.train_learning_rate = 3e-4  # base.py: train.learning_rate
+    cfg.train_adv_clip_max = 5.0  # base.py: train.adv_clip_max
+    cfg.lora_rank = 32  # train_sd3.py: LoraConfig(r=32, lora_alpha=64)
+    cfg.lora_alpha = 64.0
+    cfg.lora_target_modules = SD3_LORA_TARGETS
+    cfg.save_freq = 60  # grpo.py: save_freq
+    return cfg
+
+
+def shapes_demo_flow() -> DDPOConfig:
+    """The main job on the shipped tiny shapes-world Stable Diffusion 3
+    (`shapes/assets/flow`, flow matching), trained by Flow-GRPO.
+
+    The sample budget of `shapes_demo` (24 epochs x 32 images, groups of 4 per prompt, the
+    same LoRA rank, learning rate and clip range: sized for the CPU, not Flow-GRPO's 1e-4
+    clip range, which this run's ratios would never reach). From Flow-GRPO (Liu et al. 2025,
+    yifan123/flow_grpo `config/base.py`): noise level 0.7 and the first steps of each
+    trajectory trained; its KL term is off (`train_kl_coef` 0): it doubles the training cost,
+    and the held-out oracle judges whether the reward was gamed.
+    """
+    cfg = shapes_demo()
+    cfg.run_name = "demo-flow"
+    cfg.pretrained_model = str(FLOW_DIR)
+    cfg.trainer = "flow_grpo"
+    cfg.sample_num_steps = 10
+    cfg.sample_guidance_scale = 3.0
+    cfg.flow_noise_level = 0.7
+    cfg.flow_max_sequence_length = 1  # no T5 in the shapes model: its part is one zero token
+    cfg.train_timestep_selection = "early"
+    cfg.train_kl_coef = 0.0
+    cfg.lora_target_modules = SD3_LORA_TARGETS
+    return cfg
+
+
+def shapes_demo_draft() -> DDPOConfig:
+    """The main job with DRaFT-K: the reward's gradient through the last `draft_k` steps.
+
+    Same model, sampler and sample budget as `shapes_demo` (24 epochs x 32 images), one
+    image per prompt (no groups needed), batches of 8 so each epoch takes 4 optimizer steps;
+    lr 1e-3 as AlignProp (`config/alignprop_config.py`: train_learning_rate).
+    """
+    cfg = shapes_demo()
+    cfg.run_name = "demo-draft"
+    cfg.train_mode = "draft"
+    cfg.draft_k = 10
+    cfg.draft_straight_through = True
+    cfg.sample_num_images_per_prompt = 1
+    cfg.advantage_mode = "global"  # unused by DRaFT; the group modes need groups
+    cfg.sample_batch_size = 8
+    cfg.sample_num_batches_per_epoch = 4
+    cfg.train_batch_size = 8
+    return cfg
+
+
+def shapes_demo_raft() -> DDPOConfig:
+    """The main job with RAFT: the denoising loss on the best images of each prompt's group.
+
+    Same model, sampler and sample budget as `shapes_demo`; groups of 8 images per prompt
+    (4 prompts per epoch), the best 2 of each trained (RAFT's best-of-K with an acceptance
+    ratio of 1/4), micro-batches of 4.
+    """
+    cfg = shapes_demo()
+    cfg.run_name = "demo-raft"
+    cfg.train_mode = "raft"
+    cfg.sample_num_images_per_prompt = 8
+    cfg.raft_keep = 2
+    cfg.train_batch_size = 4
+    cfg.train_num_inner_epochs = 1
+    return cfg
+
+
+def shapes_demo_nft() -> DDPOConfig:
+    """The main job with DiffusionNFT: the denoising loss on every image, split into a
+    positive and a negative branch by its advantage.
+
+    Same model, sampler and sample budget as `shapes_demo`; groups of 8 images per prompt;
+    beta 1 (NVlabs/DiffusionNFT `config/nft.py`: config.beta = 1.0, 0.1 for OCR). The loss
+    is on the conditional prediction at lr 3e-3, the best of the pilot with the oracle as
+    the reward (docs/rlhf.md, "Training modes": guided prediction -0.023, conditional at lr
+    1e-2 +0.011, at 3e-3 +0.035 held-out oracle gain).
+    """
+    cfg = shapes_demo()
+    cfg.run_name = "demo-nft"
+    cfg.train_mode = "nft"
+    cfg.sample_num_images_per_prompt = 8
+    cfg.nft_beta = 1.0
+    cfg.train_cfg = False
+    cfg.train_learning_rate = 3e-3
+    return cfg
+
+
+DEMO_PRESETS: dict[str, typing.Callable[[], DDPOConfig]] = {
+    "ppo": shapes_demo,
+    "draft": shapes_demo_draft,
+    "raft": shapes_demo_raft,
+    "nft": shapes_demo_nft,
+}
+"""The main job's preset for each `train_mode` (`hyperalign demo --train-mode`)."""
+
+
 PRESETS: dict[str, typing.Callable[[], DDPOConfig]] = {
     "base": base,
     "tiny-cpu": tiny_cpu,
     "sd15-hyperalign": sd15_hyperalign,
     "shapes-demo": shapes_demo,
+    "shapes-demo-draft": shapes_demo_draft,
+    "shapes-demo-raft": shapes_demo_raft,
+    "shapes-demo-nft": shapes_demo_nft,
+    "shapes-demo-flow": shapes_demo_flow,
+    "tiny-sd3-cpu": tiny_sd3_cpu,
+    "sd35m-hyperalign": sd35m_hyperalign,
 }
 
 

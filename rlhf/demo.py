@@ -1,4 +1,4 @@
-"""The main job, end to end on a CPU: DDPO with the HyperAlign reward on the shapes world.
+"""The main job, end to end on a CPU: RL with the HyperAlign reward on the shapes world.
 
 ``make demo`` runs ``accelerate launch --cpu -m hyperalign demo``:
 
@@ -7,7 +7,11 @@
    as a zero-weight critic (logged, never optimised);
 2. generates images for held-out prompts (never seen by the diffusion model nor by RL) with
    fixed seeds and scores them: mean reward and oracle alignment *before*;
-3. fine-tunes LoRA weights of the UNet with DDPO against HyperAlign on training prompts;
+3. fine-tunes LoRA weights of the UNet against HyperAlign on training prompts, with DDPO
+   (``--train-mode ppo``, the default) or DRaFT-K, RAFT or DiffusionNFT (``draft``,
+   ``raft``, ``nft``; the presets of ``rlhf.config.DEMO_PRESETS``). ``--reward oracle``
+   optimises the oracle itself instead (HyperAlign logged at weight 0): it measures what
+   the RL algorithm can do when the reward is perfect;
 4. regenerates the same prompts with the same seeds *after*, and reports means with
    bootstrap 95 % intervals, the paired improvement with its interval, and the correlation
    between reward and oracle on the generated images (the reward-hacking check).
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +35,24 @@ import torch
 
 from hyperalign.common import atomic_write_json, atomic_write_text
 from hyperalign.stats import ci_summary, correlations, paired_ci
-from rlhf.config import DDPOConfig, apply_overrides, shapes_demo
+from rlhf.config import DEMO_PRESETS, DDPOConfig, apply_overrides, shapes_demo_flow
 from rlhf.pipeline import SamplerSettings, generate_batches, load_pipeline
 from rlhf.prompts import FixedPrompts
-from shapes.assets import SD_DIR
+from shapes.assets import FLOW_DIR, SD_DIR
 
 DEFAULT_PIPELINE = SD_DIR
+MODELS = {"sd": SD_DIR, "flow": FLOW_DIR}
+"""``--model``: the shipped shapes pipeline it names (DDPO and the other modes on the Stable
+Diffusion, Flow-GRPO on the flow-matching Stable Diffusion 3)."""
+ORACLE_REWARD = "oracle"
+"""``--reward`` value that optimises the shapes-world oracle (HyperAlign "shapes" logged)."""
+
+
+def pipeline_dir(args: argparse.Namespace) -> Path:
+    """``--pipeline``, else the shipped pipeline of ``--model``."""
+    if getattr(args, "pipeline", None):
+        return Path(args.pipeline)
+    return MODELS[getattr(args, "model", "sd")]
 
 
 def held_out_prompts(pipeline_dir: Path) -> list[str]:
@@ -64,14 +81,20 @@ def training_prompts(n: int, exclude: set[str], seed: int) -> list[str]:
 
 
 def build_reward_fn(reward: str, device):
-    """HyperAlign (weight 1) with the shapes oracle as a zero-weight critic."""
+    """HyperAlign (weight 1) with the shapes oracle as a zero-weight critic; with
+    ``reward="oracle"`` the other way round (the "shapes" HyperAlign measured, the oracle
+    optimised). Either way ``info`` holds both, under "hyperalign" and "oracle"."""
     from reward import WeightedReward, build_reward
     from shapes.oracle import ShapesOracleReward
 
+    oracle = reward == ORACLE_REWARD
     return WeightedReward(
         {
-            "hyperalign": (build_reward(reward, device=device), 1.0),
-            "oracle": (ShapesOracleReward(), 0.0),  # measured, never optimised
+            "hyperalign": (
+                build_reward("shapes" if oracle else reward, device=device),
+                0.0 if oracle else 1.0,
+            ),
+            "oracle": (ShapesOracleReward(), 1.0 if oracle else 0.0),
         }
     )
 
@@ -95,8 +118,23 @@ class Judgement:
     oracle: np.ndarray  # (N,) oracle alignment
 
 
+def is_flow(cfg: DDPOConfig) -> bool:
+    """Whether ``cfg`` runs Flow-GRPO (its pipeline is a flow-matching one)."""
+    from rlhf.flow.select import resolve_trainer
+
+    return resolve_trainer(cfg) == "flow_grpo"
+
+
 def eval_settings(cfg: DDPOConfig) -> SamplerSettings:
-    """The sampler of the before/after judgement: the RL sampler's steps, CFG and eta."""
+    """The sampler of the before/after judgement: the RL sampler's steps and CFG, with its
+    eta (DDIM), or for flow models the pipeline's own deterministic Euler sampler."""
+    if is_flow(cfg):
+        return SamplerSettings(
+            steps=cfg.sample_num_steps,
+            guidance_scale=cfg.sample_guidance_scale,
+            eta=None,
+            max_sequence_length=cfg.flow_max_sequence_length,
+        )
     return SamplerSettings(
         steps=cfg.sample_num_steps, guidance_scale=cfg.sample_guidance_scale, eta=cfg.sample_eta
     )
@@ -152,7 +190,8 @@ def _plot_grid(before: Judgement, after: Judgement, prompts, path: Path, n: int 
             ax.imshow(judged.images[j].permute(1, 2, 0).numpy())  # (3, H, W) -> (H, W, 3)
             ax.axis("off")
             title = f"{tag}: r {h[j]:.2f} o {o[j]:.2f}"
-            ax.set_title(f"{prompts[j][:34]}\n{title}" if i == 0 else title, fontsize=6)
+            prompt = "\n".join(textwrap.wrap(prompts[j], 26))  # the whole prompt
+            ax.set_title(f"{prompt}\n{title}" if i == 0 else title, fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -160,8 +199,27 @@ def _plot_grid(before: Judgement, after: Judgement, prompts, path: Path, n: int 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``hyperalign demo``."""
-    parser.add_argument("--pipeline", default=str(DEFAULT_PIPELINE), help="diffusers pipeline dir")
-    parser.add_argument("--reward", default="shapes", help="HyperAlign preset or checkpoint")
+    parser.add_argument(
+        "--model",
+        default="sd",
+        choices=sorted(MODELS),
+        help="the shipped shapes model: sd (Stable Diffusion, DDPO and the other modes) or "
+        "flow (Stable Diffusion 3, flow matching, Flow-GRPO)",
+    )
+    parser.add_argument(
+        "--pipeline", default=None, help="diffusers pipeline dir (default: the --model's)"
+    )
+    parser.add_argument(
+        "--reward",
+        default="shapes",
+        help=f"HyperAlign preset or checkpoint, or {ORACLE_REWARD!r} to optimise the oracle",
+    )
+    parser.add_argument(
+        "--train-mode",
+        default="ppo",
+        choices=sorted(DEMO_PRESETS),
+        help="RL algorithm: its preset of rlhf.config.DEMO_PRESETS (default: ppo, DDPO)",
+    )
     parser.add_argument("--out", default="runs/demo", help="output directory")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-prompts", type=int, default=128, help="held-out prompts to judge")
@@ -172,25 +230,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a DDPOConfig field of the shapes-demo preset (repeatable)",
+        help="override a DDPOConfig field of the --train-mode preset (repeatable)",
     )
 
 
 def demo_config(args: argparse.Namespace) -> DDPOConfig:
-    """The shapes-demo preset with the pipeline, seed, output folder and ``--set`` overrides."""
+    """The ``--train-mode`` preset with the pipeline, seed, output folder and ``--set``
+    overrides; refuses DRaFT on the oracle, which has no gradient."""
     out = Path(args.out)
-    cfg = shapes_demo()
-    cfg.pretrained_model = args.pipeline
+    mode = getattr(args, "train_mode", "ppo")
+    if mode not in DEMO_PRESETS:
+        raise ValueError(f"unknown --train-mode {mode!r}; valid: {', '.join(DEMO_PRESETS)}")
+    model = getattr(args, "model", "sd")
+    if model == "flow":
+        if mode != "ppo":
+            raise ValueError(
+                f"--model flow trains with Flow-GRPO (PPO-clip on group advantages); "
+                f"--train-mode {mode!r} runs on --model sd only"
+            )
+        cfg = shapes_demo_flow()
+    else:
+        cfg = DEMO_PRESETS[mode]()
+    cfg.pretrained_model = str(pipeline_dir(args))
     cfg.seed = args.seed
     cfg.logdir, cfg.run_name = str(out.parent), out.name
     cfg = apply_overrides(cfg, args.set)
     cfg.validate()
+    if cfg.train_mode == "draft" and args.reward == ORACLE_REWARD:
+        raise ValueError(
+            "train_mode 'draft' backpropagates through the reward, and the oracle is not "
+            "differentiable; use --reward shapes (or another HyperAlign) with draft"
+        )
     return cfg
 
 
 def demo_prompts(args: argparse.Namespace) -> DemoPrompts:
     """Held-out prompts with their evaluation seeds, and training prompts disjoint from them."""
-    held = held_out_prompts(Path(args.pipeline))[: args.eval_prompts]
+    held = held_out_prompts(pipeline_dir(args))[: args.eval_prompts]
     train = training_prompts(args.train_prompts, set(held), seed=1000 + args.seed)
     eval_prompts = [p for p in held for _ in range(args.eval_images)]
     eval_seeds = [10_000 * (args.seed + 1) + i for i in range(len(eval_prompts))]
@@ -198,23 +274,29 @@ def demo_prompts(args: argparse.Namespace) -> DemoPrompts:
 
 
 def build_trainer(cfg: DDPOConfig, args: argparse.Namespace, prompts: DemoPrompts):
-    """The DDPO trainer on the training prompts, rewarded by HyperAlign (oracle logged)."""
+    """The trainer on the training prompts, rewarded by HyperAlign (oracle logged) or, with
+    ``--reward oracle``, by the oracle (HyperAlign logged)."""
     from accelerate import PartialState
 
-    from rlhf.trainer import DDPOTrainer
+    from rlhf.flow.select import trainer_class
 
     reward_fn = build_reward_fn(args.reward, PartialState().device)
-    pipe = load_pipeline(
-        cfg.pretrained_model, revision=cfg.pretrained_revision, resolution=cfg.resolution
-    )
-    return DDPOTrainer(
+    if is_flow(cfg):
+        from rlhf.flow.pipeline import load_flow_pipeline
+
+        pipe = load_flow_pipeline(cfg.pretrained_model, revision=cfg.pretrained_revision)
+    else:
+        pipe = load_pipeline(
+            cfg.pretrained_model, revision=cfg.pretrained_revision, resolution=cfg.resolution
+        )
+    return trainer_class(cfg)(
         cfg, reward_fn=reward_fn, prompt_fn=FixedPrompts(prompts.training), pipeline=pipe
     )
 
 
 def judge(trainer, prompts: DemoPrompts, cfg: DDPOConfig) -> Judgement:
     """Generate the held-out images with the trainer's current weights and score them."""
-    trainer.pipe.unet.eval()
+    trainer.unet.eval()
     return generate_and_score(
         trainer.pipe,
         prompts.eval_prompts,
@@ -234,6 +316,7 @@ def demo_metrics(args, prompts: DemoPrompts, before: Judgement, after: Judgement
     )
     return {
         "seed": args.seed,
+        "reward": getattr(args, "reward", "shapes"),
         "held_out_prompts": len(prompts.held_out),
         "images_per_prompt": args.eval_images,
         "training_prompts": len(prompts.training),
@@ -268,7 +351,7 @@ def write_demo_outputs(out: Path, metrics: dict, history, before, after, prompts
 
 
 def run(args: argparse.Namespace) -> int:
-    """Judge the held-out prompts, fine-tune with DDPO, judge them again, write the report."""
+    """Judge the held-out prompts, fine-tune, judge them again, write the report."""
     t_start = time.perf_counter()
     cfg = demo_config(args)
     prompts = demo_prompts(args)
@@ -326,11 +409,25 @@ def render_report(m: dict, table: str) -> str:
     )
     if m["improvement"]["reward"]["ci95"][0] > 0 and m["improvement"]["oracle"]["ci95"][0] <= 0:
         verdict += " The reward rose while the oracle did not: a sign of reward hacking."
-    return f"""# Demo: DDPO on the shapes world with the HyperAlign reward
+    algorithm = {"ppo": "DDPO", "draft": "DRaFT-K", "raft": "RAFT", "nft": "DiffusionNFT"}
+    algorithm = algorithm.get(cfg["train_mode"], cfg["train_mode"])
+    sampler = f"{cfg['sample_num_steps']} DDIM steps"
+    if cfg["trainer"] == "flow_grpo":
+        algorithm = "Flow-GRPO"
+        sampler = (
+            f"{cfg['sample_num_steps']} SDE steps (noise level {cfg['flow_noise_level']}; "
+            "judged with the Euler ODE sampler)"
+        )
+    optimised = (
+        "the oracle as the reward"
+        if m.get("reward") == ORACLE_REWARD
+        else ("the HyperAlign reward")
+    )
+    return f"""# Demo: {algorithm} on the shapes world with {optimised}
 
 Seed {m["seed"]}; {cfg["num_epochs"]} epochs of {cfg["sample_batch_size"] * cfg["sample_num_batches_per_epoch"]}
 samples ({cfg["sample_num_images_per_prompt"]} per prompt, `{cfg["advantage_mode"]}` advantages),
-{cfg["sample_num_steps"]} DDIM steps, CFG {cfg["sample_guidance_scale"]}, LoRA rank {cfg["lora_rank"]},
+{sampler}, CFG {cfg["sample_guidance_scale"]}, LoRA rank {cfg["lora_rank"]},
 lr {cfg["train_learning_rate"]}; {m["training_prompts"]} training prompts; judged on
 {m["held_out_prompts"]} held-out prompts × {m["images_per_prompt"]} images with the same seeds
 before and after. Wall time {m["time_s"]["total"]:.0f} s.
@@ -342,5 +439,5 @@ before and after. Wall time {m["time_s"]["total"]:.0f} s.
 - `curves.png`: mean reward and oracle alignment of each epoch's training samples.
 - `grid_before_after.png`: held-out prompts, before (top) and after (bottom), same noise;
   r = HyperAlign reward, o = oracle alignment.
-- `lora/`: the LoRA weights (`StableDiffusionPipeline.load_lora_weights`).
+- `lora/`: the LoRA weights (`pipe.load_lora_weights(dir)` of the pipeline class).
 """

@@ -207,14 +207,17 @@ def lora_applied(pipe, lora_file: str | Path | None):
 @dataclass(frozen=True)
 class SamplerSettings:
     """How the pipeline samples (``None``: the pipeline's default size, no negative prompt).
-    ``eta`` is used by schedulers that take it (DDIM); 0.0 is diffusers' default."""
+    ``eta`` is used by schedulers that take it (DDIM; 0.0 is diffusers' default; ``None``: not
+    passed, for pipelines without it such as Stable Diffusion 3's).
+    ``max_sequence_length``: T5 tokens for Stable Diffusion 3 (``None``: not passed)."""
 
     steps: int = 50
     guidance_scale: float = 5.0
-    eta: float = 0.0
+    eta: float | None = 0.0
     height: int | None = None
     width: int | None = None
     negative_prompt: str | None = None
+    max_sequence_length: int | None = None
 
 
 @torch.no_grad()
@@ -239,16 +242,17 @@ def generate_batches(
             for s in seeds[start : start + batch_size]
         ]
         negative = [settings.negative_prompt] * len(chunk) if settings.negative_prompt else None
+        optional = {"eta": settings.eta, "max_sequence_length": settings.max_sequence_length}
         images = pipe(
             prompt=chunk,
             negative_prompt=negative,
             num_inference_steps=settings.steps,
             guidance_scale=settings.guidance_scale,
-            eta=settings.eta,
             height=settings.height,
             width=settings.width,
             generator=generators,
             output_type="pt",
+            **{k: v for k, v in optional.items() if v is not None},
         ).images  # (b, 3, H, W) in [0, 1]
         yield start, images
 

@@ -1,8 +1,16 @@
-"""Fine-tune Stable Diffusion with DDPO (PPO on LoRA weights) against a reward function.
+"""Fine-tune Stable Diffusion with DDPO, or Stable Diffusion 3 with Flow-GRPO (PPO on LoRA
+weights, both) against a reward function.
 
 Tiny offline run on CPU (random-weight tiny pipeline, brightness reward, seconds):
 
     hyperalign rl-train --preset tiny-cpu
+    hyperalign rl-train --preset tiny-sd3-cpu   # tiny Stable Diffusion 3, Flow-GRPO
+
+Stable Diffusion 3.5 Medium with Flow-GRPO (the trainer follows the pipeline class, or
+`--set trainer=flow_grpo`; LoRA loads with `StableDiffusion3Pipeline.load_lora_weights`):
+
+    accelerate launch -m hyperalign rl-train --preset sd35m-hyperalign \\
+        --set reward_fn=hyperalign:<name_or_path> --set run_name=my-sd3-run
 
 Stable Diffusion 1.5 with the HyperAlign reward on GPUs (hub id or a local directory):
 
@@ -101,9 +109,10 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
         return 0
-    from rlhf.trainer import DDPOTrainer
+    from rlhf.flow.select import trainer_class
 
-    trainer = DDPOTrainer(cfg)
+    # DDPO for Stable Diffusion 1.x, Flow-GRPO for Stable Diffusion 3 (`trainer` field).
+    trainer = trainer_class(cfg)(cfg)
     history = trainer.train()
     if trainer.accelerator.is_main_process and history:
         first, last = history[0], history[-1]

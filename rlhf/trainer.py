@@ -1,6 +1,7 @@
 """DDPO trainer: sample -> rewards (overlapping the next sampling batch) -> advantages ->
 PPO-clip on LoRA weights of the UNet, on accelerate. `train_mode="draft"` runs DRaFT-K
-instead (`rlhf.draft`).
+instead (`rlhf.draft`), "raft" and "nft" the reward-weighted denoising loss
+(`rlhf.denoising`).
 
 What this loop does on purpose:
 - the training forward goes through the accelerate-*prepared* UNet, so DDP all-reduces the
@@ -33,6 +34,7 @@ from hyperalign.common import parse_dtype, recover_dir
 from rlhf import checkpointing as ckpt
 from rlhf.config import RESUME_MAY_CHANGE, DDPOConfig, resume_differences
 from rlhf.ddim_logprob import ddim_step_with_logprob
+from rlhf.denoising import denoising_epoch
 from rlhf.draft import check_draft_reward, draft_epoch
 from rlhf.pipeline import load_pipeline
 from rlhf.prompts import check_prompt_fn, get_prompt_fn
@@ -176,7 +178,7 @@ class DDPOTrainer:
             )
         self.pipe = pipeline
         self._prepare_pipeline()
-        self.unet = self.pipe.unet  # unwrapped, with the LoRA adapter
+        self.unet = self._denoiser()  # unwrapped, with the LoRA adapter
         self.trainable = [p for p in self.unet.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.trainable,
@@ -204,9 +206,10 @@ class DDPOTrainer:
     # ---------------------------------------------------------------------------- setup ---
     def _build_accelerator(self) -> Accelerator:
         cfg = self.config
-        # In PPO mode each trained timestep is one backward: accumulate over all of them.
-        ppo = cfg.train_mode == "ppo"
-        accum = cfg.train_gradient_accumulation_steps * (cfg.num_train_timesteps if ppo else 1)
+        # In PPO and the denoising modes each trained timestep is one backward: accumulate
+        # over all of them. DRaFT has one backward per sampled batch.
+        per_step = cfg.train_mode != "draft"
+        accum = cfg.train_gradient_accumulation_steps * (cfg.num_train_timesteps if per_step else 1)
         self._log_with = {"none": None, "all": "all"}.get(cfg.log_with, [cfg.log_with])
         return Accelerator(
             mixed_precision=cfg.mixed_precision,
@@ -301,20 +304,36 @@ class DDPOTrainer:
                     self.save_checkpoint()
             if self.progress.epoch >= cfg.num_epochs:
                 acc.wait_for_everyone()
-                save_lora_diffusers(
-                    self.unet, self.run_dir / "lora", is_main_process=acc.is_main_process
-                )
+                self.save_final_lora(self.run_dir / "lora")
                 acc.wait_for_everyone()
         finally:
             self.executor.shutdown(wait=True)
             acc.end_training()
         return history
 
+    def _denoiser(self):
+        """The pipeline's denoising network that carries the LoRA (`pipe.unet` here)."""
+        return self.pipe.unet
+
+    def write_lora(self, directory) -> None:
+        """Write the LoRA into `directory` (not atomic) in the pipeline's diffusers format:
+        `StableDiffusionPipeline.load_lora_weights(directory)` loads it."""
+        write_lora_diffusers(self.unet, directory)
+
+    def save_final_lora(self, directory) -> None:
+        """`write_lora`, atomically (staged, then swapped in), on the main process."""
+        if self.accelerator.is_main_process:
+            tmp = ckpt.staging_dir(directory)
+            self.write_lora(tmp)
+            ckpt.publish_dir(tmp, directory)
+
     def train_epoch(self, epoch: int) -> tuple[dict, dict[str, float]]:
-        """One epoch: PPO (sample, score, advantages, PPO-clip) or DRaFT-K; returns
-        (samples, metrics)."""
-        if self.config.train_mode != "ppo":
+        """One epoch: PPO (sample, score, advantages, PPO-clip), DRaFT-K, or RAFT /
+        DiffusionNFT (sample, score, advantages, denoising loss); returns (samples, metrics)."""
+        if self.config.train_mode == "draft":
             return draft_epoch(self, epoch)
+        if self.config.train_mode in ("raft", "nft"):
+            return denoising_epoch(self, epoch)
         samples, timings = self.sample_epoch(epoch)
         metrics = self.compute_advantages(samples)
         t0 = time.perf_counter()
@@ -496,22 +515,28 @@ class DDPOTrainer:
         """The training tensors with samples in a random order and, per sample, its own
         random order of timesteps; per-step tensors become (N, T, ...), whose first
         `num_train_timesteps` columns are trained ("early": a shuffle of the first ones)."""
-        cfg, device = self.config, self.device
+        device = self.device
         n, num_steps = samples["log_probs"].shape
         perm = torch.randperm(n, device=device)
         s = {k: v[perm] for k, v in samples.items() if k in _TRAIN_KEYS}
-        if cfg.train_timestep_selection == "early":
-            k = cfg.num_train_timesteps
-            rest = torch.arange(k, num_steps, device=device)
-            order = torch.stack(
-                [torch.cat([torch.randperm(k, device=device), rest]) for _ in range(n)]
-            )  # (N, T)
-        else:
-            order = torch.stack([torch.randperm(num_steps, device=device) for _ in range(n)])
+        order = self.timestep_order(n, num_steps)  # (N, T)
         rows = torch.arange(n, device=device)[:, None]  # (N, 1)
         for k in _PER_STEP_KEYS:
             s[k] = s[k][rows, order]  # (N, T, ...)
         return s
+
+    def timestep_order(self, n: int, num_steps: int) -> torch.Tensor:
+        """(N, T) int64: for each of `n` samples its own order of the `num_steps` trajectory
+        steps, whose first `num_train_timesteps` are trained: a random permutation
+        ("random"), or a shuffle of the first ones followed by the rest ("early")."""
+        cfg, device = self.config, self.device
+        if cfg.train_timestep_selection == "early":
+            k = cfg.num_train_timesteps
+            rest = torch.arange(k, num_steps, device=device)
+            return torch.stack(
+                [torch.cat([torch.randperm(k, device=device), rest]) for _ in range(n)]
+            )
+        return torch.stack([torch.randperm(num_steps, device=device) for _ in range(n)])
 
     def _train_micro_batch(self, batch: dict, log: dict[str, list]) -> None:
         """Backward through each trained timestep of `batch`; the optimizer steps whenever
@@ -703,7 +728,7 @@ class DDPOTrainer:
         self.config.save(directory / ckpt.CONFIG_FILE)
         # The same LoRA in the diffusers format, so `hyperalign eval-checkpoints --lora` and
         # `pipe.load_lora_weights` can compare the epochs of a run.
-        write_lora_diffusers(self.unet, directory / "lora")
+        self.write_lora(directory / "lora")
 
     def _find_resume_checkpoint(self, path: str | None) -> Path | None:
         """The checkpoint `resume_from` names ("latest": the newest of this run), checked to

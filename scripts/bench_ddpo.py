@@ -3,6 +3,7 @@
     python scripts/bench_ddpo.py                       # tiny pipeline on CPU (seconds)
     python scripts/bench_ddpo.py --model random-sd15 --device cuda --dtype fp16 \\
         --resolution 512 --batch 8 --steps 50          # SD 1.5 size, random weights
+    python scripts/bench_ddpo.py --model tiny-sd3 --steps 10 --cfg 4.5   # Flow-GRPO path
 
 Tables:
 1. our log-prob sampler (`rlhf.sampling.sample_with_logprob`) vs diffusers'
@@ -71,7 +72,37 @@ def _time(fn, device: str, repeats: int, warmup: int) -> float:
     return statistics.median(times)
 
 
+def bench_flow_sampler(args) -> None:
+    """Table 1 for the flow path: the Flow-GRPO SDE sampler against
+    ``StableDiffusion3Pipeline.__call__`` (its ODE) at the same steps and CFG."""
+    from rlhf.flow.sampling import encode_prompts, sample_with_logprob
+    from rlhf.flow.tiny import build_tiny_sd3_pipeline
+
+    pipe = build_tiny_sd3_pipeline(0).to(args.device, parse_dtype(args.dtype))
+    prompts = [f"a photo of animal {i}" for i in range(args.batch)]
+    embeds, pooled = encode_prompts(pipe, prompts, args.device, 32)
+    neg, neg_pooled = encode_prompts(pipe, [""] * args.batch, args.device, 32)
+
+    def ours():
+        sample_with_logprob(pipe, embeds, pooled, neg, neg_pooled, args.steps, args.cfg, 0.7)
+
+    def diffusers_call():
+        pipe(
+            prompt_embeds=embeds,
+            pooled_prompt_embeds=pooled,
+            negative_prompt_embeds=neg,
+            negative_pooled_prompt_embeds=neg_pooled,
+            num_inference_steps=args.steps,
+            guidance_scale=args.cfg,
+            output_type="pt",
+        )
+
+    _compare(args, {"diffusers __call__": diffusers_call, "rlhf.flow sample_with_logprob": ours})
+
+
 def bench_sampler(args) -> None:
+    if args.model == "tiny-sd3":
+        return bench_flow_sampler(args)
     from rlhf.sampling import encode_prompts, sample_with_logprob
     from rlhf.tiny import build_random_sd15_pipeline, build_tiny_pipeline
 
@@ -101,7 +132,11 @@ def bench_sampler(args) -> None:
             output_type="pt",
         )
 
-    fns = {"diffusers __call__": diffusers_call, "rlhf sample_with_logprob": ours}
+    _compare(args, {"diffusers __call__": diffusers_call, "rlhf sample_with_logprob": ours})
+
+
+def _compare(args, fns: dict) -> None:
+    """Time each sampler in ``fns`` (interleaved repeats) and print the table."""
     times = {name: [] for name in fns}
     peaks = {name: 0.0 for name in fns}
     with torch.no_grad():
@@ -118,7 +153,8 @@ def bench_sampler(args) -> None:
     base = results["diffusers __call__"]
     print(
         f"\n### Sampler ({args.model}, {args.device}, {args.dtype}, batch {args.batch}, "
-        f"{args.steps} steps, CFG {args.cfg}, eta 1)\n"
+        f"{args.steps} steps, CFG {args.cfg}"
+        + (", SDE noise level 0.7)\n" if args.model == "tiny-sd3" else ", eta 1)\n")
     )
     print("| sampler | s / batch | samples/s | vs diffusers | peak GiB |")
     print("|---|---|---|---|---|")
@@ -130,9 +166,9 @@ def bench_sampler(args) -> None:
 
 
 def _tiny_cfg(args, run_name):
-    from rlhf.config import tiny_cpu
+    from rlhf.config import tiny_cpu, tiny_sd3_cpu
 
-    cfg = tiny_cpu()
+    cfg = tiny_sd3_cpu() if args.model == "tiny-sd3" else tiny_cpu()
     cfg.logdir = args.logdir
     cfg.run_name = run_name
     cfg.save_freq = 0
@@ -141,7 +177,7 @@ def _tiny_cfg(args, run_name):
     cfg.sample_batch_size = args.batch
     cfg.train_batch_size = args.batch
     cfg.sample_num_batches_per_epoch = args.num_batches
-    if args.model != "tiny":
+    if args.model == "random-sd15":
         cfg.pretrained_model = "random-sd15"
         cfg.resolution = args.resolution
         cfg.mixed_precision = {torch.float32: "no", torch.float16: "fp16"}.get(
@@ -151,10 +187,11 @@ def _tiny_cfg(args, run_name):
 
 
 def bench_epoch(args) -> None:
-    from rlhf.trainer import DDPOTrainer
+    from rlhf.flow.select import trainer_class
 
     _reset_peak()  # the sampler table's pipeline is gone: this table measures its own
-    trainer = DDPOTrainer(_tiny_cfg(args, "bench-epoch"))
+    cfg = _tiny_cfg(args, "bench-epoch")
+    trainer = trainer_class(cfg)(cfg)
     trainer.sample_epoch(0)  # warm-up
     samples, timings = trainer.sample_epoch(0)
     trainer.compute_advantages(samples)
@@ -166,7 +203,7 @@ def bench_epoch(args) -> None:
     total = timings["time_sampling"] + timings["time_reward_wait"] + timings["time_training"]
     n = samples["rewards"].shape[0]
     print(
-        f"\n### One DDPO epoch ({args.model}, {trainer.device}, "
+        f"\n### One {type(trainer).__name__} epoch ({args.model}, {trainer.device}, "
         f"{trainer.config.mixed_precision} mixed precision, {n} samples, {args.steps} steps, "
         "all timesteps trained)\n"
     )
@@ -175,7 +212,7 @@ def bench_epoch(args) -> None:
     for key, label in (
         ("time_sampling", "sampling (with log-probs)"),
         ("time_reward_wait", "reward (wait after sampling)"),
-        ("time_training", "training (PPO)"),
+        ("time_training", "training (PPO-clip)"),
     ):
         print(f"| {label} | {timings[key]:.3f} | {timings[key] / total:.0%} |")
     print(f"| total | {total:.3f} | {n / total:.2f} samples/s |")
@@ -216,7 +253,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--model", choices=("tiny", "random-sd15"), default="tiny")
+    p.add_argument("--model", choices=("tiny", "random-sd15", "tiny-sd3"), default="tiny")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32",
                    help=f"{', '.join(DTYPE_CHOICES)} (or float32, float16, bfloat16)")  # fmt: skip

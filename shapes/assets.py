@@ -19,6 +19,7 @@ REWARD_DIR = ASSETS / "reward"
 CLIP_WEIGHTS = REWARD_DIR / "clip.safetensors"
 CLIP_CONFIG = REWARD_DIR / "shapes-clip-rn.json"
 SD_DIR = ASSETS / "sd"
+FLOW_DIR = ASSETS / "flow"
 HELDOUT_PROMPTS = SD_DIR / "heldout_prompts.json"
 CLIP_ARCH = CLIP_CONFIG.stem  # "shapes-clip-rn"
 

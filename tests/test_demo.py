@@ -43,6 +43,54 @@ def test_one_epoch_demo_writes_the_report(tmp_path, capsys):
     assert "oracle after − before (paired)" in capsys.readouterr().out
 
 
+FLOW = demo.MODELS["flow"]
+
+
+@pytest.mark.skipif(
+    not (FLOW / "model_index.json").is_file() or not (SHAPES_REWARD / "config.json").is_file(),
+    reason="shipped shapes assets not built",
+)
+def test_one_epoch_flow_demo_trains_the_sd3_lora(tmp_path):
+    """`--model flow`: Flow-GRPO on the shipped shapes SD3, judged by its Euler sampler; the
+    final LoRA loads into the pipeline and changes its images."""
+    import torch
+
+    from rlhf.flow.pipeline import load_flow_pipeline
+
+    args = [
+        "--model", "flow", "--out", str(tmp_path / "demo"), "--eval-prompts", "2",
+        "--eval-images", "2", "--train-prompts", "2",
+        "--set", "num_epochs=1", "--set", "sample_batch_size=8",
+        "--set", "sample_num_batches_per_epoch=1", "--set", "train_batch_size=8",
+        "--set", "sample_num_steps=4", "--set", "save_freq=1",
+    ]  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cli(["demo", *args]) == 0
+    out = tmp_path / "demo"
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["config"]["trainer"] == "flow_grpo" and m["before"]["oracle"]["n"] == 4
+    assert "Flow-GRPO" in (out / "report.md").read_text()
+    pipe = load_flow_pipeline(FLOW)
+
+    def image():
+        g = torch.Generator().manual_seed(0)
+        kw = dict(num_inference_steps=4, guidance_scale=3.0, max_sequence_length=1)
+        return pipe(["a red circle"], generator=g, output_type="pt", **kw).images
+
+    base = image()
+    pipe.load_lora_weights(str(out / "lora"))
+    assert not torch.equal(image(), base)
+
+
+def test_flow_demo_refuses_the_sd_only_modes():
+    import argparse
+
+    args = argparse.Namespace(model="flow", train_mode="raft", pipeline=None, out="x", seed=0)
+    with pytest.raises(ValueError, match="--model sd only"):
+        demo.demo_config(args)
+
+
 def test_training_prompts_exclude_held_out():
     held = {"a red circle", "a blue square"}
     prompts = demo.training_prompts(20, held, seed=0)

@@ -1,0 +1,236 @@
+"""RL efficiency on the main job: held-out oracle gain per training mode, budget and seed.
+
+Usage:
+    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python scripts/rl_efficiency.py \\
+        --row ppo=ppo --row raft=raft,train_learning_rate=3e-3 \\
+        [--budgets 24x32] [--seeds 0] [--reward oracle] [--out runs/rl_efficiency]
+    python scripts/rl_efficiency.py --out runs/rl_efficiency --table   # print, run nothing
+
+A row is ``NAME=MODE[,FIELD=VALUE,...]``: the demo preset of ``--train-mode MODE``
+(``rlhf.config.DEMO_PRESETS``) with DDPOConfig overrides. A budget ``EPOCHSxSAMPLES`` sets
+``num_epochs`` and the samples per epoch (``sample_num_batches_per_epoch`` = SAMPLES /
+``sample_batch_size``). Each (row, budget, seed) is the demo's own run and judge
+(``rlhf.demo``: fixed-seed images of held-out prompts before and after, paired bootstrap
+interval), with ``--reward`` optimised ("oracle": the oracle itself; a HyperAlign name:
+that reward, the oracle measured). The "before" judgement depends only on the base model,
+the seed and the sampler, so it is computed once per seed and sampler and cached in
+``--out``; every finished cell is written to ``--out/<row>_<budget>_<reward>_s<seed>.json`` and
+skipped when the script runs again; ``--max-epochs N`` stops a cell after N epochs (its
+checkpoint and times kept), and the next call resumes it, so a long grid fits processes of
+a few minutes each. Wall time counts every process of a cell except the cached "before".
+Prints the table: row, mode, budget, seed, oracle gain [95 % CI], reward gain, train and
+wall seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from hyperalign.common import atomic_write_json
+from rlhf import demo
+
+
+def parse_row(text: str) -> tuple[str, str, list[str]]:
+    """``NAME=MODE[,FIELD=VALUE,...]`` -> (name, mode, ["FIELD=VALUE", ...])."""
+    name, sep, rest = text.partition("=")
+    parts = rest.split(",")
+    if not sep or not name or not parts[0]:
+        raise ValueError(f"row {text!r} is not NAME=MODE[,FIELD=VALUE,...]")
+    return name, parts[0], [p for p in parts[1:] if p]
+
+
+def parse_budget(text: str) -> tuple[int, int]:
+    """``EPOCHSxSAMPLES`` -> (epochs, samples per epoch)."""
+    try:
+        epochs, samples = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"budget {text!r} is not EPOCHSxSAMPLES, e.g. 24x32") from None
+    return epochs, samples
+
+
+def demo_args(args, mode: str, overrides: list[str], budget: tuple[int, int], seed: int, out):
+    """The ``hyperalign demo`` arguments of one cell (the demo's defaults otherwise)."""
+    from rlhf.config import DEMO_PRESETS
+
+    epochs, samples = budget
+    batch = DEMO_PRESETS[mode]().sample_batch_size
+    for item in overrides:
+        if item.startswith("sample_batch_size="):
+            batch = int(item.split("=", 1)[1])
+    if samples % batch:
+        raise ValueError(f"budget of {samples} samples per epoch is not a multiple of {batch}")
+    sets = [
+        f"num_epochs={epochs}",
+        f"sample_num_batches_per_epoch={samples // batch}",
+        "save_freq=0",
+        "log_with=none",
+        *overrides,
+    ]
+    ns = argparse.Namespace(
+        pipeline=str(demo.DEFAULT_PIPELINE),
+        reward=args.reward,
+        out=str(out),
+        seed=seed,
+        eval_prompts=args.eval_prompts,
+        eval_images=args.eval_images,
+        train_prompts=args.train_prompts,
+        train_mode=mode,
+        set=sets,
+    )
+    return ns
+
+
+def _before_key(cfg, prompts, ns) -> dict:
+    """What the "before" judgement depends on."""
+    return {
+        "pipeline": ns.pipeline,
+        "hyperalign": "shapes" if ns.reward == demo.ORACLE_REWARD else ns.reward,
+        "prompts": prompts.eval_prompts,
+        "seeds": prompts.eval_seeds,
+        "sampler": asdict(demo.eval_settings(cfg)),
+    }
+
+
+def cached_before(trainer, cfg, prompts, ns, cache_dir: Path):
+    """The base model's judgement, from `cache_dir` when made with the same settings."""
+    key = _before_key(cfg, prompts, ns)
+    for path in sorted(cache_dir.glob("before_*.json")):
+        saved = json.loads(path.read_text())
+        if saved["key"] == key:
+            return demo.Judgement(None, np.array(saved["reward"]), np.array(saved["oracle"]))
+    judged = demo.judge(trainer, prompts, cfg)
+    n = len(list(cache_dir.glob("before_*.json")))
+    atomic_write_json(
+        cache_dir / f"before_{n}.json",
+        {"key": key, "reward": judged.reward.tolist(), "oracle": judged.oracle.tolist()},
+    )
+    return judged
+
+
+def run_cell(args, name: str, mode: str, overrides, budget, seed: int, partial: Path):
+    """Train one cell with the demo's functions and judge it; returns its summary, or None
+    when `--max-epochs` stopped it early (its progress is in `partial`; the next call
+    resumes from the checkpoint, which reproduces the uninterrupted run)."""
+    out_dir = Path(args.out)
+    t_start = time.perf_counter()
+    ns = demo_args(args, mode, overrides, budget, seed, out_dir / "runs" / f"{name}_s{seed}")
+    cfg = demo.demo_config(ns)
+    state = json.loads(partial.read_text()) if partial.is_file() else {"epochs": 0, "s": {}}
+    run_dir = Path(ns.out)
+    if not state["epochs"] and run_dir.exists():
+        shutil.rmtree(run_dir)  # a stale run of this cell: resuming from it would skip training
+    total = cfg.num_epochs
+    if state["epochs"]:
+        cfg.resume_from = "latest"
+    if args.max_epochs:
+        cfg.num_epochs = min(total, state["epochs"] + args.max_epochs)
+    prompts = demo.demo_prompts(ns)
+    trainer = demo.build_trainer(cfg, ns, prompts)
+    before = cached_before(trainer, cfg, prompts, ns, out_dir)
+    t0 = time.perf_counter()
+    history = trainer.train()
+    times = state["s"]
+    times["train"] = times.get("train", 0.0) + time.perf_counter() - t0
+    state["history"] = state.get("history", []) + history
+    if cfg.num_epochs < total:
+        times["wall"] = times.get("wall", 0.0) + time.perf_counter() - t_start
+        atomic_write_json(partial, {**state, "epochs": cfg.num_epochs, "s": times})
+        return None
+    t0 = time.perf_counter()
+    after = demo.judge(trainer, prompts, cfg)
+    times["judge_after"] = time.perf_counter() - t0
+    metrics = demo.demo_metrics(ns, prompts, before, after)
+    history = state["history"]
+    times["wall"] = times.get("wall", 0.0) + time.perf_counter() - t_start
+    return {
+        "row": name,
+        "mode": mode,
+        "overrides": overrides,
+        "budget": f"{budget[0]}x{budget[1]}",
+        "seed": seed,
+        "reward": args.reward,
+        "oracle_gain": metrics["improvement"]["oracle"],
+        "reward_gain": metrics["improvement"]["reward"],
+        "oracle_before": metrics["before"]["oracle"]["mean"],
+        "train_s": times["train"],
+        "wall_s": times["wall"],
+        "times_s": times,
+        "history": history,
+        "config": cfg.to_dict(),
+    }
+
+
+def table(out: Path) -> str:
+    """The Markdown table of every finished cell in `out`."""
+    lines = [
+        "| row | mode | settings | budget | seed | reward | oracle gain [95 % CI] | "
+        "HyperAlign gain | train s | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for path in sorted(out.glob("*_s[0-9]*.json")):
+        if path.name.endswith(".partial.json"):
+            continue
+        c = json.loads(path.read_text())
+        o, r = c["oracle_gain"], c["reward_gain"]
+        lines.append(
+            f"| {c['row']} | {c['mode']} | {' '.join(c['overrides']) or 'preset'} | "
+            f"{c['budget']} | {c['seed']} | {c['reward']} | {o['mean']:+.3f} "
+            f"[{o['ci95'][0]:+.3f}, {o['ci95'][1]:+.3f}] | {r['mean']:+.3f} | "
+            f"{c['train_s']:.0f} | {c['wall_s']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--row", action="append", default=[], help="NAME=MODE[,FIELD=VALUE,...]")
+    ap.add_argument("--budgets", nargs="+", default=["24x32"], help="EPOCHSxSAMPLES")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--reward", default=demo.ORACLE_REWARD, help="'oracle' or a HyperAlign")
+    ap.add_argument("--out", default="runs/rl_efficiency")
+    ap.add_argument("--eval-prompts", type=int, default=128)
+    ap.add_argument("--eval-images", type=int, default=2)
+    ap.add_argument("--train-prompts", type=int, default=64)
+    ap.add_argument(
+        "--max-epochs",
+        type=int,
+        default=0,
+        help="train at most this many epochs in this process, then stop (0: no limit)",
+    )
+    ap.add_argument("--table", action="store_true", help="only print the table of --out")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.table:
+        import torch
+
+        torch.set_num_threads(1)
+        rows = [parse_row(r) for r in args.row]
+        budgets = [parse_budget(b) for b in args.budgets]
+        for name, mode, overrides in rows:
+            for budget in budgets:
+                for seed in args.seeds:
+                    cell = f"{name}_{budget[0]}x{budget[1]}_{args.reward}_s{seed}"
+                    path = out / f"{cell}.json"
+                    if path.is_file():
+                        continue
+                    partial = out / f"{cell}.partial.json"
+                    result = run_cell(args, name, mode, overrides, budget, seed, partial)
+                    if result is None:
+                        print(f"{cell}: stopped after --max-epochs; run again to continue")
+                        return 0
+                    atomic_write_json(path, result)
+                    partial.unlink(missing_ok=True)
+    print(table(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
