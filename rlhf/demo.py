@@ -327,6 +327,8 @@ def demo_metrics(args, prompts: DemoPrompts, before: Judgement, after: Judgement
             "oracle": paired_ci(after.oracle, before.oracle),
         },
         "reward_oracle_correlation": {"pearson": pearson, "spearman": spearman},
+        "facts": fact_changes(before, after, prompts.eval_prompts),
+        "drift": drift(before, after),
         "per_image": {
             "prompt": prompts.eval_prompts,
             "seed": prompts.eval_seeds,
@@ -335,6 +337,31 @@ def demo_metrics(args, prompts: DemoPrompts, before: Judgement, after: Judgement
             "oracle_before": before.oracle.tolist(),
             "oracle_after": after.oracle.tolist(),
         },
+    }
+
+
+def fact_changes(before: Judgement, after: Judgement, prompts: list[str]) -> dict:
+    """Per fact kind, the share of the held-out prompts' facts the oracle reads as true before
+    and after, and the change; ``objects_excess`` is objects read - objects stated."""
+    from shapes.oracle import fact_breakdown
+
+    b, a = fact_breakdown(before.images, prompts), fact_breakdown(after.images, prompts)
+    return {k: {"before": b[k], "after": a[k], "change": a[k] - b[k]} for k in b}
+
+
+DRIFT_THRESHOLD = 0.05
+"""Mean absolute pixel change (in [0, 1] units) above which an image counts as changed."""
+
+
+def drift(before: Judgement, after: Judgement) -> dict:
+    """How far the fine-tuned model moved from the base on the same noise: the mean absolute
+    pixel difference of the paired images, and the share of images changed by more than
+    :data:`DRIFT_THRESHOLD`."""
+    per_image = (after.images - before.images).abs().mean(dim=(1, 2, 3)).numpy()
+    return {
+        "mean_abs_pixel": float(per_image.mean()),
+        "share_changed": float((per_image > DRIFT_THRESHOLD).mean()),
+        "threshold": DRIFT_THRESHOLD,
     }
 
 
@@ -395,6 +422,22 @@ def summary_table(m: dict) -> str:
         f"\nreward vs oracle on generated images: Pearson {c['pearson']:.3f}, "
         f"Spearman {c['spearman']:.3f}"
     )
+    if "facts" in m:
+        lines += [
+            "",
+            "| facts read as true (oracle) | before | after | change |",
+            "|---|---|---|---|",
+        ]
+        for kind, v in m["facts"].items():
+            name = "objects read − stated" if kind == "objects_excess" else kind
+            lines.append(f"| {name} | {v['before']:.3f} | {v['after']:.3f} | {v['change']:+.3f} |")
+    if "drift" in m:
+        d = m["drift"]
+        lines.append(
+            f"\ndrift from the base model on the same noise: mean |Δpixel| "
+            f"{d['mean_abs_pixel']:.4f}, {100 * d['share_changed']:.0f} % of images changed by "
+            f"more than {d['threshold']}"
+        )
     return "\n".join(lines)
 
 

@@ -392,6 +392,39 @@ def oracle_alignment_batch(images, prompts: Sequence, config: OracleConfig | Non
     return torch.tensor(scores, dtype=torch.float32, device=images.device)
 
 
+FACT_KINDS = ("color", "shape", "size", "count", "relation", "total")
+"""The kinds of :class:`shapes.prompts.Fact`, in the order reports list them."""
+
+
+def fact_breakdown(images, prompts: Sequence, config: OracleConfig | None = None) -> dict:
+    """What the oracle reads in a batch, per fact kind.
+
+    ``images`` (B, 3, H, W) in [0, 1], ``prompts`` B grammar prompts. Returns
+    ``{"<kind>": share of that kind's facts that hold, ..., "objects_excess": mean of objects
+    read - objects the prompt states}`` (kinds of :data:`FACT_KINDS` that occur; scored under
+    ``config.truth``; the number stated is the closed world's ``total`` fact).
+    """
+    import torch
+
+    from shapes.prompts import as_facts
+
+    cfg = config or OracleConfig()
+    cpu = images.detach().to("cpu", torch.float64).clamp(0.0, 1.0)
+    held: dict[str, list[bool]] = {k: [] for k in FACT_KINDS}
+    excess = []
+    for i, prompt in enumerate(prompts):
+        objects = read_objects(cpu[i], cfg)
+        facts = as_facts(prompt)
+        scored = [f for f in facts if cfg.truth == "closed" or f.kind != "total"]
+        for fact, ok in zip(scored, facts_under(prompt, objects, cfg.truth)):
+            held[fact.kind].append(bool(ok))
+        stated = [int(f.value) for f in facts if f.kind == "total"]
+        excess.append(len(objects) - stated[0] if stated else np.nan)
+    out = {k: float(np.mean(v)) for k, v in held.items() if v}
+    out["objects_excess"] = float(np.nanmean(excess)) if not np.all(np.isnan(excess)) else np.nan
+    return out
+
+
 class ShapesOracleReward:
     """Reward function (project contract): ``rewards, info = reward(images, prompts, metadata)``.
 

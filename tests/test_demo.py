@@ -40,6 +40,9 @@ def test_one_epoch_demo_writes_the_report(tmp_path, capsys):
             assert 0.0 <= m[when]["oracle"]["mean"] <= 1.0
     assert len(m["per_image"]["oracle_after"]) == 6
     assert len(m["history"]) == 1 and "reward_info/oracle_mean" in m["history"][0]
+    for v in m["facts"].values():
+        assert v["change"] == pytest.approx(v["after"] - v["before"])
+    assert 0.0 <= m["drift"]["share_changed"] <= 1.0 and m["drift"]["mean_abs_pixel"] >= 0.0
     assert "oracle after − before (paired)" in capsys.readouterr().out
 
 

@@ -154,3 +154,22 @@ def test_bad_inputs_fail_clearly():
         oracle_alignment(np.full((64, 64, 3), 200.0), "a red circle")
     with pytest.raises(ValueError, match="unknown colour"):
         oracle_alignment(np.ones((64, 64, 3)), "a pink circle")
+
+
+def test_fact_breakdown_per_kind_and_objects_excess():
+    """Faithful renders: every kind holds and the oracle reads as many objects as stated;
+    one extra object breaks only the closed world's `total` fact and reads as +1."""
+    from shapes.oracle import fact_breakdown
+
+    prompt = "a red circle left of a blue square"
+    pair = (
+        SceneObject("circle", "red", "large", 0.3, 0.6, 0.12),
+        SceneObject("square", "blue", "large", 0.72, 0.6, 0.12),
+    )
+    extra = SceneObject("triangle", "green", "small", 0.5, 0.18, 0.075)
+    images = to_tensor(np.stack([render(Scene(pair)), render(Scene((*pair, extra)))]))
+    both = fact_breakdown(images, [prompt, prompt])
+    assert both["color"] == both["shape"] == both["relation"] == 1.0
+    assert both["total"] == 0.5 and both["objects_excess"] == 0.5
+    alone = fact_breakdown(images[:1], [prompt])
+    assert alone["total"] == 1.0 and alone["objects_excess"] == 0.0
