@@ -4,6 +4,8 @@
     python scripts/bench_ddpo.py --model random-sd15 --device cuda --dtype fp16 \\
         --resolution 512 --batch 8 --steps 50          # SD 1.5 size, random weights
     python scripts/bench_ddpo.py --model tiny-sd3 --steps 10 --cfg 4.5   # Flow-GRPO path
+    python scripts/bench_ddpo.py --model shapes-flow --steps 10 --cfg 3 --batch 16 \
+        --num-batches 2                                  # the flow demo's model and preset
 
 Tables:
 1. our log-prob sampler (`rlhf.sampling.sample_with_logprob`) vs diffusers'
@@ -29,6 +31,7 @@ import time
 import torch
 
 from hyperalign.common import DTYPE_CHOICES, parse_dtype
+from shapes.assets import FLOW_DIR
 
 
 def _sync(device: str) -> None:
@@ -59,6 +62,10 @@ def _gib(value: float) -> str:
     return f"{value:.2f}" if value > 0 else "-"
 
 
+FLOW_MODELS = ("tiny-sd3", "shapes-flow")
+"""``--model`` values of the Flow-GRPO path (the tiny random SD3; the shipped shapes SD3)."""
+
+
 def _time(fn, device: str, repeats: int, warmup: int) -> float:
     for _ in range(warmup):
         fn()
@@ -75,13 +82,15 @@ def _time(fn, device: str, repeats: int, warmup: int) -> float:
 def bench_flow_sampler(args) -> None:
     """Table 1 for the flow path: the Flow-GRPO SDE sampler against
     ``StableDiffusion3Pipeline.__call__`` (its ODE) at the same steps and CFG."""
+    from rlhf.flow.pipeline import load_flow_pipeline
     from rlhf.flow.sampling import encode_prompts, sample_with_logprob
-    from rlhf.flow.tiny import build_tiny_sd3_pipeline
 
-    pipe = build_tiny_sd3_pipeline(0).to(args.device, parse_dtype(args.dtype))
-    prompts = [f"a photo of animal {i}" for i in range(args.batch)]
-    embeds, pooled = encode_prompts(pipe, prompts, args.device, 32)
-    neg, neg_pooled = encode_prompts(pipe, [""] * args.batch, args.device, 32)
+    name = str(FLOW_DIR) if args.model == "shapes-flow" else "tiny-sd3"
+    pipe = load_flow_pipeline(name).to(args.device, parse_dtype(args.dtype))
+    length = 1 if args.model == "shapes-flow" else 32  # no T5 in the shapes model
+    prompts = [f"a red circle left of {i} blue squares" for i in range(args.batch)]
+    embeds, pooled = encode_prompts(pipe, prompts, args.device, length)
+    neg, neg_pooled = encode_prompts(pipe, [""] * args.batch, args.device, length)
 
     def ours():
         sample_with_logprob(pipe, embeds, pooled, neg, neg_pooled, args.steps, args.cfg, 0.7)
@@ -101,7 +110,7 @@ def bench_flow_sampler(args) -> None:
 
 
 def bench_sampler(args) -> None:
-    if args.model == "tiny-sd3":
+    if args.model in FLOW_MODELS:
         return bench_flow_sampler(args)
     from rlhf.sampling import encode_prompts, sample_with_logprob
     from rlhf.tiny import build_random_sd15_pipeline, build_tiny_pipeline
@@ -154,7 +163,7 @@ def _compare(args, fns: dict) -> None:
     print(
         f"\n### Sampler ({args.model}, {args.device}, {args.dtype}, batch {args.batch}, "
         f"{args.steps} steps, CFG {args.cfg}"
-        + (", SDE noise level 0.7)\n" if args.model == "tiny-sd3" else ", eta 1)\n")
+        + (", SDE noise level 0.7)\n" if args.model in FLOW_MODELS else ", eta 1)\n")
     )
     print("| sampler | s / batch | samples/s | vs diffusers | peak GiB |")
     print("|---|---|---|---|---|")
@@ -166,9 +175,10 @@ def _compare(args, fns: dict) -> None:
 
 
 def _tiny_cfg(args, run_name):
-    from rlhf.config import tiny_cpu, tiny_sd3_cpu
+    from rlhf.config import shapes_demo_flow, tiny_cpu, tiny_sd3_cpu
 
-    cfg = tiny_sd3_cpu() if args.model == "tiny-sd3" else tiny_cpu()
+    presets = {"tiny-sd3": tiny_sd3_cpu, "shapes-flow": shapes_demo_flow}
+    cfg = presets.get(args.model, tiny_cpu)()
     cfg.logdir = args.logdir
     cfg.run_name = run_name
     cfg.save_freq = 0
@@ -205,7 +215,8 @@ def bench_epoch(args) -> None:
     print(
         f"\n### One {type(trainer).__name__} epoch ({args.model}, {trainer.device}, "
         f"{trainer.config.mixed_precision} mixed precision, {n} samples, {args.steps} steps, "
-        "all timesteps trained)\n"
+        f"{trainer.config.num_train_timesteps} of them trained, reward "
+        f"{trainer.config.reward_fn})\n"
     )
     print("| phase | s | share |")
     print("|---|---|---|")
@@ -253,7 +264,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--model", choices=("tiny", "random-sd15", "tiny-sd3"), default="tiny")
+    p.add_argument("--model", choices=("tiny", "random-sd15", *FLOW_MODELS), default="tiny")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32",
                    help=f"{', '.join(DTYPE_CHOICES)} (or float32, float16, bfloat16)")  # fmt: skip
