@@ -80,7 +80,7 @@ class FlowTrainConfig:
     """Width of one attention head."""
     max_sequence_length: int = 1
     """T5 tokens of the prompt (zeros without T5; diffusers needs at least one)."""
-    steps: int = 3000
+    steps: int = 4000
     """Optimisation steps of the transformer and the text encoders."""
     batch: int = 32
     """Batch size."""
