@@ -81,9 +81,28 @@ def _shapes(device, **overrides) -> HyperAlign:
     return HyperAlign.from_pretrained(REWARD_DIR, device=device, **overrides)
 
 
+def _shapes_cosine(device, **overrides) -> HyperAlign:
+    """The raw cosine of the shapes CLIP (no adapters, no geometry, no training): the
+    CLIPScore analogue of the shapes world, beside which HyperAlign is judged as a reward."""
+    from shapes.assets import CLIP_ARCH, CLIP_WEIGHTS, register_clip_config
+
+    if not CLIP_WEIGHTS.is_file():
+        raise FileNotFoundError(
+            f"the shapes CLIP is not in this installation ({CLIP_WEIGHTS}); rebuild it with "
+            "the command in README.md (section 'The shapes world')"
+        )
+    register_clip_config()
+    cfg = HyperAlignConfig(
+        backbone=CLIP_ARCH, pretrained=str(CLIP_WEIGHTS), tuning="frozen", regressor=False
+    ).replace(**overrides)
+    # The calibration starts at alpha = 1, beta = 0: the score is the cosine itself.
+    return HyperAlign(cfg, device=device)
+
+
 PRESETS: dict[str, Callable[..., HyperAlign]] = {
     "tiny-random": _tiny_random,
     "shapes": _shapes,
+    "shapes-cosine": _shapes_cosine,
 }
 
 

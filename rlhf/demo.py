@@ -464,7 +464,7 @@ def render_report(m: dict, table: str) -> str:
     optimised = (
         "the oracle as the reward"
         if m.get("reward") == ORACLE_REWARD
-        else ("the HyperAlign reward")
+        else f"the reward `{m.get('reward', 'shapes')}`"
     )
     return f"""# Demo: {algorithm} on the shapes world with {optimised}
 

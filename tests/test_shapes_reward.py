@@ -9,6 +9,7 @@ Thresholds come from the results table of ``shapes.reward_training`` (BENCHMARKS
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -77,6 +78,26 @@ def test_shapes_reward_contract(shapes_reward, heldout_set):
     assert set(info) >= {"s_base", "alpha", "gamma"} and len(info["s_base"]) == 5
 
 
+def clip_cosine(model, images, prompts) -> np.ndarray:
+    """Zero-shot cosine of ``model``'s tiny CLIP, without adapters or head (CLIPScore
+    analogue), computed from its towers directly."""
+    with torch.no_grad():
+        f_i = model.clip.encode_image(model.preprocess(images))
+        f_t = model.clip.encode_text(model.tokenize(prompts))
+        return torch.nn.functional.cosine_similarity(f_i, f_t, dim=-1).double().numpy()
+
+
+def test_shapes_cosine_preset_is_the_raw_clip_cosine(shapes_reward, heldout_set):
+    """`build_reward("shapes-cosine")` scores exactly the shipped CLIP's cosine (the RL
+    baseline reward), which is not what the trained reward scores."""
+    images, prompts, _, _ = heldout_set
+    rewards, _ = build_reward("shapes-cosine")(images[:16], prompts[:16])
+    direct = clip_cosine(shapes_reward.model, images[:16], prompts[:16])
+    np.testing.assert_allclose(rewards.double().numpy(), direct, atol=1e-5)
+    trained, _ = shapes_reward(images[:16], prompts[:16])
+    assert not np.allclose(trained.double().numpy(), direct, atol=1e-2)
+
+
 @pytest.mark.parametrize("style", ["default", "heldout"])
 def test_shapes_reward_learned_alignment(shapes_reward, heldout_set, style):
     """The floors hold in the plain style and in the held-out style family (never trained on:
@@ -84,12 +105,7 @@ def test_shapes_reward_learned_alignment(shapes_reward, heldout_set, style):
     images, prompts, mos, truth = heldout_set if style == "default" else make_heldout_set(style)
     rewards, _ = shapes_reward(images, prompts)
     rewards = rewards.double().numpy()
-    # Zero-shot cosine of the same tiny CLIP, without adapters or head (CLIPScore analogue).
-    model = shapes_reward.model
-    with torch.no_grad():
-        f_i = model.clip.encode_image(model.preprocess(images))
-        f_t = model.clip.encode_text(model.tokenize(prompts))
-        cosine = torch.nn.functional.cosine_similarity(f_i, f_t, dim=-1).double().numpy()
+    cosine = clip_cosine(shapes_reward.model, images, prompts)
     learned, zero_shot = srcc(rewards, mos), srcc(cosine, mos)
     vs_truth = srcc(rewards, truth)
     print(
