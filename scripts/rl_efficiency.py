@@ -5,6 +5,11 @@ Usage:
         --row ppo=ppo --row raft=raft,train_learning_rate=3e-3 \\
         [--budgets 24x32] [--seeds 0] [--reward oracle] [--out runs/rl_efficiency]
     python scripts/rl_efficiency.py --out runs/rl_efficiency --table   # print, run nothing
+    # reward fidelity: the same row with each reward, then the table
+    python scripts/rl_efficiency.py --row ppo=ppo --seeds 0 1 2 --reward oracle
+    python scripts/rl_efficiency.py --row ppo=ppo --seeds 0 1 2 --reward shapes
+    python scripts/rl_efficiency.py --row ppo=ppo --seeds 0 1 2 --reward shapes-cosine
+    python scripts/rl_efficiency.py --out runs/rl_efficiency --table --fidelity
 
 A row is ``NAME=MODE[,FIELD=VALUE,...]``: the demo preset of ``--train-mode MODE``
 (``rlhf.config.DEMO_PRESETS``) with DDPOConfig overrides. A budget ``EPOCHSxSAMPLES`` sets
@@ -100,16 +105,27 @@ def _before_key(cfg, prompts, ns) -> dict:
 
 def cached_before(trainer, cfg, prompts, ns, cache_dir: Path):
     """The base model's judgement, from `cache_dir` when made with the same settings."""
+    from safetensors.torch import load_file, save_file
+
     key = _before_key(cfg, prompts, ns)
     for path in sorted(cache_dir.glob("before_*.json")):
         saved = json.loads(path.read_text())
-        if saved["key"] == key:
-            return demo.Judgement(None, np.array(saved["reward"]), np.array(saved["oracle"]))
+        images = path.with_suffix(".safetensors")
+        if saved["key"] == key and images.is_file():
+            return demo.Judgement(
+                load_file(str(images))["images"].float(),
+                np.array(saved["reward"]),
+                np.array(saved["oracle"]),
+            )
     judged = demo.judge(trainer, prompts, cfg)
     n = len(list(cache_dir.glob("before_*.json")))
+    path = cache_dir / f"before_{n}.json"
+    # The images too (fp16: 1e-3 of quantisation), for the per-kind facts and the drift.
+    tmp = path.with_suffix(".safetensors.tmp")
+    save_file({"images": judged.images.half().contiguous()}, str(tmp))
+    tmp.replace(path.with_suffix(".safetensors"))
     atomic_write_json(
-        cache_dir / f"before_{n}.json",
-        {"key": key, "reward": judged.reward.tolist(), "oracle": judged.oracle.tolist()},
+        path, {"key": key, "reward": judged.reward.tolist(), "oracle": judged.oracle.tolist()}
     )
     return judged
 
@@ -159,6 +175,8 @@ def run_cell(args, name: str, mode: str, overrides, budget, seed: int, partial: 
         "oracle_gain": metrics["improvement"]["oracle"],
         "reward_gain": metrics["improvement"]["reward"],
         "oracle_before": metrics["before"]["oracle"]["mean"],
+        "facts": metrics["facts"],
+        "drift": metrics["drift"],
         "train_s": times["train"],
         "wall_s": times["wall"],
         "times_s": times,
@@ -188,6 +206,49 @@ def table(out: Path) -> str:
     return "\n".join(lines)
 
 
+FACT_COLUMNS = ("color", "shape", "size", "count", "relation", "objects_excess")
+
+
+def hacking(cell: dict) -> bool:
+    """The optimised reward rose (its interval above zero) and the oracle did not (its
+    interval reaches zero or below)."""
+    return cell["reward_gain"]["ci95"][0] > 0 and cell["oracle_gain"]["ci95"][0] <= 0
+
+
+def fidelity_table(out: Path) -> str:
+    """Per (row, budget, reward, seed): reward gain, oracle gain, fidelity = oracle gain /
+    the oracle-as-reward gain of the same row, budget and seed, the per-kind changes of the
+    facts read as true, and the reward-hacking flag."""
+    cells = [
+        json.loads(p.read_text())
+        for p in sorted(out.glob("*_s[0-9]*.json"))
+        if not p.name.endswith(".partial.json")
+    ]
+    ceiling = {
+        (c["row"], c["budget"], c["seed"]): c["oracle_gain"]["mean"]
+        for c in cells
+        if c["reward"] == demo.ORACLE_REWARD
+    }
+    head = "| row | budget | reward | seed | reward gain | oracle gain [95 % CI] | fidelity | "
+    head += " | ".join(f"Δ {k}" for k in FACT_COLUMNS) + " | hacking |"
+    lines = [head, "|---" * (8 + len(FACT_COLUMNS)) + "|"]
+    for c in cells:
+        if "facts" not in c:
+            continue
+        o, r = c["oracle_gain"], c["reward_gain"]
+        top = ceiling.get((c["row"], c["budget"], c["seed"]))
+        fid = f"{o['mean'] / top:.2f}" if top else "—"
+        facts = " | ".join(
+            f"{c['facts'][k]['change']:+.3f}" if k in c["facts"] else "—" for k in FACT_COLUMNS
+        )
+        lines.append(
+            f"| {c['row']} | {c['budget']} | {c['reward']} | {c['seed']} | {r['mean']:+.3f} | "
+            f"{o['mean']:+.3f} [{o['ci95'][0]:+.3f}, {o['ci95'][1]:+.3f}] | {fid} | {facts} | "
+            f"{'**yes**' if hacking(c) else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--row", action="append", default=[], help="NAME=MODE[,FIELD=VALUE,...]")
@@ -205,6 +266,11 @@ def main(argv: list[str] | None = None) -> int:
         help="train at most this many epochs in this process, then stop (0: no limit)",
     )
     ap.add_argument("--table", action="store_true", help="only print the table of --out")
+    ap.add_argument(
+        "--fidelity",
+        action="store_true",
+        help="also print the reward-fidelity table (cells of every --reward in --out)",
+    )
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -229,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
                     atomic_write_json(path, result)
                     partial.unlink(missing_ok=True)
     print(table(out))
+    if args.fidelity:
+        print("\n" + fidelity_table(out))
     return 0
 
 

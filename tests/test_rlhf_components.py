@@ -166,3 +166,22 @@ def test_prompt_file(tmp_path):
 def test_simple_animals_match_shared_file():
     names = (SHARED / "prompts" / "simple_animals.txt").read_text().split()
     assert tuple(names) == SIMPLE_ANIMALS
+
+
+@pytest.mark.parametrize("mode", ["group", "group_centered", "global"])
+def test_advantages_ignore_an_increasing_affine_map_of_the_reward(mode):
+    """Why calibrated cosine is the zero-shot cosine as an RL reward: a * r + b (a > 0) gives
+    the same normalised advantages (up to the std's epsilon), so only rewards that re-rank
+    images can train differently."""
+    from rlhf.stat_tracking import global_advantages, group_advantages, group_centered_advantages
+
+    rng = np.random.default_rng(0)
+    rewards = rng.normal(size=32)
+    prompts = [f"p{i // 4}" for i in range(32)]
+    fn = {
+        "group": lambda r: group_advantages(r, prompts),
+        "group_centered": lambda r: group_centered_advantages(r, prompts),
+        "global": global_advantages,
+    }[mode]
+    np.testing.assert_allclose(fn(3.7 * rewards - 1.2), fn(rewards), atol=1e-3)
+    assert not np.allclose(fn(rewards**3), fn(rewards), atol=1e-3)  # a re-ranking map differs
