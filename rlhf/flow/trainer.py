@@ -55,6 +55,14 @@ _PER_STEP_KEYS = ("timesteps", "sigmas", "next_sigmas", "latents", "next_latents
 _FLOW_ONLY_KEYS = ("pooled_prompt_embeds", "negative_pooled_prompt_embeds", "sigmas", "next_sigmas")
 
 
+def _move(module, device, dtype) -> None:
+    """``module.to(device)``, cast to ``dtype`` only when some weight has another dtype
+    (diffusers warns on every cast, needed or not)."""
+    module.to(device)
+    if any(p.dtype != dtype for p in module.parameters()):
+        module.to(dtype=dtype)
+
+
 class FlowGRPOTrainer(DDPOTrainer):
     """Run Flow-GRPO on a Stable Diffusion 3 pipeline.
 
@@ -109,9 +117,9 @@ class FlowGRPOTrainer(DDPOTrainer):
         for module in (pipe.vae, pipe.transformer, *encoders):
             module.requires_grad_(False)
         # Flow-GRPO's scripts/train_sd3.py keeps the VAE in fp32.
-        pipe.vae.to(self.device, dtype=torch.float32)
+        _move(pipe.vae, self.device, torch.float32)
         for module in (pipe.transformer, *encoders):
-            module.to(self.device, dtype=self.weight_dtype)
+            _move(module, self.device, self.weight_dtype)
         pipe.transformer.add_adapter(
             LoraConfig(
                 r=cfg.lora_rank,
