@@ -91,10 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     fixed = [s for s in per_seed if all(ge.fixed_name(r) in s for r in trained)]
     if len(fixed) >= 2:
         pairs = [(ge.fixed_name(a), ge.fixed_name(b)) for a, b in ge.planned_contrasts(loss)]
-        text += (
+        text += (  # paired by seed; the prompt bootstrap is for the early-stopped models
             f"\nFixed epochs ({cfg.epochs}, no early stopping), {len(fixed)} seeds:\n\n"
             f"{ge.results_table(fixed, [ge.fixed_name(r) for r in trained])}\n\n"
-            f"{ge.contrast_table(ge.contrasts(fixed, pairs, shared=shared))}\n"
+            f"{ge.contrast_table(ge.contrasts(fixed, pairs))}\n"
         )
     explored = [s for s in per_seed if all(r in s for r in ge.EXPLORATORY_ROWS)]
     if len(explored) >= 2:

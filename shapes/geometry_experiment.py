@@ -198,9 +198,12 @@ def clustered_bootstrap(
     clusters = [np.array(v) for v in groups.values()]
     rng = np.random.default_rng(seed)
 
+    both = np.concatenate([pred_a, pred_b])  # (2S, N): one ranking per resample for both
+    n_seeds = pred_a.shape[0]
+
     def delta(idx: np.ndarray) -> float:
-        t = truth[idx]
-        return float(np.mean(_rowwise_srcc(pred_a[:, idx], t) - _rowwise_srcc(pred_b[:, idx], t)))
+        r = _rowwise_srcc(both[:, idx], truth[idx])
+        return float(np.mean(r[:n_seeds] - r[n_seeds:]))
 
     boots = [
         delta(
