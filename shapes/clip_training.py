@@ -63,6 +63,8 @@ __all__ = [
     "evaluate",
     "hard_negatives",
     "is_heldout_prompt",
+    "relation_loss",
+    "relation_quads",
     "render_batch",
     "sample_specs",
     "save_clip",
@@ -107,6 +109,20 @@ class ClipTrainConfig:
     style: str = "default"
     """Style family of the training renders (``shapes.styles.STYLE_FAMILIES``): a layout world
     per prompt and a rendering style per image; a pair's hard negatives share its style."""
+    relation_pairs: int = 0
+    """Relation quadruples per step (0 = off): that many extra relation prompts, each with
+    its mirrored caption (the opposite relation word), its faithful scene and that scene
+    mirrored along the relation's axis (:func:`relation_quads`); :func:`relation_loss` asks
+    each caption to pick its scene from the two and each scene its caption. Measured from
+    CLIP v3 (BENCHMARKS.md, "The relation loss"): held-out relation flip stays at chance
+    (0.49 after 100 steps), so the shipped CLIP uses 0."""
+    relation_weight: float = 1.0
+    """Weight of :func:`relation_loss` beside the contrastive loss."""
+    relation_max_cos: float = 1.0
+    """Hinge on the cosine of each relation caption and its mirror, ``mean relu(cos(c, c') -
+    relation_max_cos)``, added to :func:`relation_loss` (1.0 = off). Tried at 0.9 against
+    the towers' blindness to the mirror (caption cosines 0.999 on CLIP v3): no effect, as
+    the gradient of a cosine vanishes near 1."""
     eval_styles: tuple[str, ...] = ("heldout",)
     """Style families evaluated besides the plain ``default`` one (metrics ``<style>/...``)."""
     init: str = ""
@@ -398,6 +414,57 @@ def training_batch(rng: np.random.Generator, cfg: ClipTrainConfig):
     return [s.text for s in specs], images, neg_images, negs
 
 
+OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+"""Each relation and the one its mirrored scene satisfies."""
+
+
+def relation_quads(
+    rng: np.random.Generator, n: int, image_size: int, style: str = "default"
+) -> tuple[list[str], torch.Tensor]:
+    """``n`` relation prompts outside the held-out bucket, with mirrored captions and scenes:
+    captions ``[c_1..c_n, c'_1..c'_n]`` and scenes ``(2n, 3, S, S)`` ``[I_1..I_n,
+    I'_1..I'_n]``, where ``c'_k`` has the opposite relation word of ``c_k`` and ``I'_k`` is
+    ``I_k`` mirrored along the relation's axis (so ``I'_k`` shows ``c'_k``; one style per
+    quadruple)."""
+    texts, mirrored, pos, neg = [], [], [], []
+    while len(texts) < n:
+        spec = sample_prompt(rng)
+        if spec.relation is None:
+            continue
+        rel = spec.relation
+        other = PromptSpec(spec.entities, Relation(rel.subject, OPPOSITE[rel.relation], rel.object))
+        if is_heldout_prompt(spec.text) or is_heldout_prompt(other.text):
+            continue
+        world, cfg = draw_style(rng, style, image_size)
+        scene = faithful_scene(spec, rng, world)
+        flip = perturb(spec, scene, "relation_flip", rng, world)
+        texts.append(spec.text)
+        mirrored.append(other.text)
+        pos.append(render(scene, cfg))
+        neg.append(render(flip.scene, cfg))
+    return texts + mirrored, to_tensor(np.stack(pos + neg))
+
+
+def relation_loss(
+    logit_scale: torch.Tensor, f_i: torch.Tensor, f_t: torch.Tensor, max_cos: float = 1.0
+) -> torch.Tensor:
+    """Two-way InfoNCE inside each relation quadruple of :func:`relation_quads`: unit features
+    ``f_i``, ``f_t`` (2n, D) in its order; caption ``c_k`` picks ``I_k`` over ``I'_k``,
+    ``c'_k`` picks ``I'_k``, and each scene picks its caption of the two. Plus
+    ``mean relu(cos(c_k, c'_k) - max_cos)`` when ``max_cos < 1``."""
+    n = f_i.shape[0] // 2
+    t = f_t.view(2, n, -1).transpose(0, 1)  # (n, 2 captions, D)
+    i = f_i.view(2, n, -1).transpose(0, 1)  # (n, 2 scenes, D)
+    logits = logit_scale.exp().clamp(max=100.0) * t @ i.transpose(1, 2)  # (n, caption, scene)
+    target = torch.arange(2).repeat(n)
+    t2i = F.cross_entropy(logits.reshape(2 * n, 2), target)
+    i2t = F.cross_entropy(logits.transpose(1, 2).reshape(2 * n, 2), target)
+    loss = 0.5 * (t2i + i2t)
+    if max_cos < 1.0:
+        loss = loss + F.relu((t[:, 0] * t[:, 1]).sum(-1) - max_cos).mean()
+    return loss
+
+
 def contrastive_loss(
     logit_scale: torch.Tensor,
     f_i: torch.Tensor,
@@ -430,13 +497,24 @@ def contrastive_loss(
 
 
 def _step_loss(enc: Encoder, model, rng: np.random.Generator, cfg: ClipTrainConfig):
-    """Draw one batch and return its contrastive loss."""
+    """Draw one batch and return its loss (contrastive, plus the relation loss when on)."""
     texts, images, neg_images, negs = training_batch(rng, cfg)
-    f_i = enc.images(images if neg_images is None else torch.cat([images, neg_images]))
-    f_neg = f_i[len(texts) :]  # (M, D) image-side hard negatives (M = 0 without them)
-    f_i = f_i[: len(texts)]  # (B, D)
-    f_t = enc.texts(texts + negs)  # (B + N, D): batch captions, then hard negatives
-    return contrastive_loss(model.logit_scale, f_i, f_neg, f_t, texts, negs)
+    r_texts, r_images = [], images[:0]
+    if cfg.relation_pairs:
+        r_texts, r_images = relation_quads(rng, cfg.relation_pairs, cfg.image_size, cfg.style)
+    b, n_r = len(texts), len(r_texts)
+    # One forward per tower (the ResNet's batch norm sees all images of the step together).
+    parts = [images] + ([] if neg_images is None else [neg_images]) + ([r_images] if n_r else [])
+    f_all = enc.images(parts[0] if len(parts) == 1 else torch.cat(parts))
+    f_i, f_neg, f_ri = f_all[:b], f_all[b : len(f_all) - n_r], f_all[len(f_all) - n_r :]
+    f_t = enc.texts(texts + negs + r_texts)  # batch captions, hard negatives, relation captions
+    f_rt, f_t = f_t[len(f_t) - n_r :], f_t[: len(f_t) - n_r]
+    loss = contrastive_loss(model.logit_scale, f_i, f_neg, f_t, texts, negs)
+    if n_r:
+        loss = loss + cfg.relation_weight * relation_loss(
+            model.logit_scale, f_ri, f_rt, cfg.relation_max_cos
+        )
+    return loss
 
 
 def format_metrics(m: dict[str, float]) -> str:

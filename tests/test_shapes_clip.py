@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 
@@ -114,3 +115,61 @@ def test_evaluation_reports_the_heldout_style(tmp_path):
     metrics = train(cfg, None)["metrics"]
     assert "heldout/img_pair_color_swap" in metrics and "img_pair_color_swap" in metrics
     assert 0.0 <= metrics["heldout/i2t@1"] <= 1.0
+
+
+def test_relation_quads_pair_each_caption_with_its_mirrored_scene():
+    """Caption k is true of scene k, its mirrored caption of the mirrored scene, and neither
+    of the other scene; no held-out prompt is drawn."""
+    from shapes.clip_training import relation_quads
+    from shapes.oracle import oracle_alignment_batch
+
+    texts, images = relation_quads(np.random.default_rng(4), 8, 64, "train")
+    assert len(texts) == 16 and images.shape == (16, 3, 64, 64)
+    own = oracle_alignment_batch(images, texts)
+    crossed = oracle_alignment_batch(torch.cat([images[8:], images[:8]]), texts)
+    assert float(own.min()) == 1.0 and float(crossed.max()) < 1.0
+    for a, b in zip(texts[:8], texts[8:]):
+        pa, pb = parse_prompt(a), parse_prompt(b)
+        assert pa.entities == pb.entities and pa.relation.relation != pb.relation.relation
+    assert not any(is_heldout_prompt(t) for t in texts)
+
+
+def test_relation_loss_rewards_telling_mirrored_pairs_apart():
+    """log 2 when the towers cannot tell a caption from its mirror; lower when each caption
+    matches its own scene; higher when they match the mirrored ones; the hinge adds
+    ``cos - max_cos`` for captions closer than ``max_cos``."""
+    from shapes.clip_training import relation_loss
+
+    scale = torch.tensor(np.log(10.0), dtype=torch.float32)
+    a, b = torch.nn.functional.normalize(torch.randn(2, 3, 8), dim=-1)
+    same = torch.cat([a, a])
+    assert abs(float(relation_loss(scale, same, same)) - np.log(2.0)) < 1e-6
+    right = relation_loss(scale, torch.cat([a, b]), torch.cat([a, b]))
+    wrong = relation_loss(scale, torch.cat([b, a]), torch.cat([a, b]))
+    assert right < np.log(2.0) < wrong
+    # The caption hinge: identical captions (cosine 1) cost 1 - max_cos more.
+    hinged = relation_loss(scale, same, same, max_cos=0.5)
+    assert abs(float(hinged) - np.log(2.0) - 0.5) < 1e-5
+
+
+def test_relation_pairs_add_the_relation_loss_and_leave_the_default_path_alone():
+    """With ``relation_pairs`` the step loss grows by the relation term; without it the step
+    draws the same batch as before (so the shipped weights rebuild bit for bit)."""
+    from reward.backbone import load_backbone
+    from shapes.clip_training import Encoder, _step_loss, clip_arch, training_batch
+
+    torch.manual_seed(0)
+    cfg = ClipTrainConfig(batch_size=6, hard_negative_images=0.5)
+    backbone = load_backbone(clip_arch(cfg), None)
+    enc = Encoder(backbone)
+    base = _step_loss(enc, backbone.model, np.random.default_rng(7), cfg)
+    # The default path: the loss of the batch training_batch draws, and nothing else.
+    texts, images, neg, negs = training_batch(np.random.default_rng(7), cfg)
+    f = enc.images(torch.cat([images, neg]))
+    f_t = enc.texts(texts + negs)
+    ref = contrastive_loss(backbone.model.logit_scale, f[:6], f[6:], f_t, texts, negs)
+    assert torch.allclose(base, ref, atol=1e-6)
+    with_rel = _step_loss(
+        enc, backbone.model, np.random.default_rng(7), dataclasses.replace(cfg, relation_pairs=3)
+    )
+    assert with_rel > base + 0.3  # about log 2 more for towers that cannot tell mirrors apart
