@@ -217,9 +217,17 @@ ABLATIONS: dict[str, dict] = {
     "membership": {"ent_loss": "membership"},
     "euclidean-two-sided": {"ent_loss": "two-sided", "regressor_input": "euclidean"},
     "euclidean-membership": {"ent_loss": "membership", "regressor_input": "euclidean"},
+    "static-cone-two-sided": {"ent_loss": "two-sided", "a_shrink": 0.0},
+    "static-cone-membership": {"ent_loss": "membership", "a_shrink": 0.0},
     "two-sided-rails": {"ent_loss": "two-sided", **RAILS},
     "euclidean-two-sided-rails": {"ent_loss": "two-sided", "regressor_input": "euclidean", **RAILS},
 }
+
+
+ZERO_SHOT_ROW = "zero-shot-cosine"
+"""The ablation row that trains nothing: ``baseline`` at its initial weights (adapter gates 0,
+so the features are CLIP's; ``softplus(alpha) * cos + beta``, an increasing map), which ranks
+the test pairs exactly as the raw CLIP cosine does (the CLIPScore analogue)."""
 
 
 # ------------------------------------------------------------------------------ pieces
@@ -403,11 +411,13 @@ def train(
     cpu: bool = False,
     restart: bool = False,
     labels: str = "",
+    zero_shot: bool = False,
 ) -> dict:
     """Train one split; returns ``result`` (best epoch, val SRCC, test metrics).
 
     Resumes from ``out_dir/state/last`` when present (unless ``restart``); a finished run
-    (``result.json`` present) returns its stored result.
+    (``result.json`` present) returns its stored result. ``zero_shot``: no training, the
+    initial model is validated, saved as ``best`` and tested (the ``zero-shot-cosine`` row).
     """
     out = Path(out_dir)
     split_info = _with_fingerprints(split_info, split, dataset)
@@ -419,6 +429,7 @@ def train(
         "split": {**split_info, **split.describe()},
         "model": model_config.to_dict(),
         "train": config.to_dict(),
+        **({"zero_shot": True} if zero_shot else {}),
     }
     resume, finished = _open_run_folder(out, record, accelerator, restart)
     if finished is not None:
@@ -434,7 +445,10 @@ def train(
             f"epoch (global step {run.state.global_step})"
         )
     _announce(run, model_config)
-    while run.state.epoch < config.epochs and not run.state.stopped_early:
+    if zero_shot:
+        _validate(run)  # the untrained model becomes `best`
+        run.state.epoch = 0  # no epoch was trained
+    while not zero_shot and run.state.epoch < config.epochs and not run.state.stopped_early:
         _train_epoch(run)
         _validate(run)
         save_train_state(run)
@@ -764,14 +778,25 @@ def run_ablations(
     **kwargs,
 ) -> dict:
     """Each ablation row on the same splits; a Markdown table of test mean ± std per row."""
-    unknown = [n for n in names if n not in ABLATIONS]
+    valid = [*ABLATIONS, ZERO_SHOT_ROW]
+    unknown = [n for n in names if n not in valid]
     if unknown:
-        raise ValueError(f"unknown ablation(s) {unknown}; valid: {', '.join(ABLATIONS)}, all")
+        raise ValueError(f"unknown ablation(s) {unknown}; valid: {', '.join(valid)}, all")
     out = Path(out_dir)
     rows = {}
     for name in names:
-        variant = model_config.replace(**ABLATIONS[name])
-        summary = train_splits(variant, config, dataset, image_root, out / name, n_splits, **kwargs)
+        zero_shot = name == ZERO_SHOT_ROW
+        variant = model_config.replace(**ABLATIONS["baseline" if zero_shot else name])
+        summary = train_splits(
+            variant,
+            config,
+            dataset,
+            image_root,
+            out / name,
+            n_splits,
+            zero_shot=zero_shot,
+            **kwargs,
+        )
         rows[name] = {k: tuple(v) for k, v in summary["mean_std"].items()}
     table = format_table(rows, ("srcc", "plcc_logistic", "plcc", "krcc", "rmse"))
     atomic_write_text(out / "ablation.md", table + "\n")
@@ -807,7 +832,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ablation",
         default=None,
-        help=f"comma-separated ablation rows or 'all' ({', '.join(ABLATIONS)}); each row trains "
+        help=f"comma-separated ablation rows or 'all' ({ZERO_SHOT_ROW}, {', '.join(ABLATIONS)}); each row trains "
         "--splits splits into <out>/<row>/ and a table goes to <out>/ablation.md",
     )
     parser.add_argument("--restart", action="store_true", help="discard saved state and results")
@@ -925,7 +950,9 @@ def run(args: argparse.Namespace) -> int:
     kwargs = {"cpu": args.cpu, "restart": args.restart, "labels": str(args.labels)}
     try:
         if args.ablation:
-            names = list(ABLATIONS) if args.ablation == "all" else args.ablation.split(",")
+            names = (
+                [ZERO_SHOT_ROW, *ABLATIONS] if args.ablation == "all" else args.ablation.split(",")
+            )
             run_ablations(
                 names,
                 model_config,

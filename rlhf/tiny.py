@@ -71,6 +71,25 @@ def assemble_pipeline(unet, vae, text_encoder, tokenizer, scheduler=None):
     return pipe
 
 
+def tiny_vae(sample_size: int, **extra):
+    """A random two-block VAE with 4 latent channels for ``sample_size`` latents (images of
+    twice that: one downsampling); ``extra`` (e.g. ``shift_factor``) goes to its config."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(4, 8),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=2,
+        sample_size=2 * sample_size,
+        **extra,
+    )
+
+
 def build_tiny_pipeline(seed: int = 0, sample_size: int = 8):
     """Build a tiny random-weight `StableDiffusionPipeline` on CPU in fp32.
 
@@ -85,7 +104,6 @@ def build_tiny_pipeline(seed: int = 0, sample_size: int = 8):
         safety checker. Move it with `.to(device, dtype)`.
     """
     from diffusers import (
-        AutoencoderKL,
         UNet2DConditionModel,
     )
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -106,17 +124,7 @@ def build_tiny_pipeline(seed: int = 0, sample_size: int = 8):
             attention_head_dim=4,
             norm_num_groups=2,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(4, 8),
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            latent_channels=4,
-            layers_per_block=1,
-            norm_num_groups=2,
-            sample_size=2 * sample_size,
-        )
+        vae = tiny_vae(sample_size)
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
                 vocab_size=len(tokenizer),

@@ -117,6 +117,25 @@ def ppo_clip_loss(
     return loss, stats
 
 
+def add_lora(denoiser, cfg: DDPOConfig) -> None:
+    """A LoRA adapter of ``cfg`` (rank, alpha, target modules) on ``denoiser`` (a UNet or a
+    transformer), kept in fp32 whatever the frozen weights' dtype. Its B matrices start at
+    zero, so the adapted model starts as the base one."""
+    from peft import LoraConfig
+
+    denoiser.add_adapter(
+        LoraConfig(
+            r=cfg.lora_rank,
+            lora_alpha=cfg.lora_alpha,
+            init_lora_weights="gaussian",  # B = 0
+            target_modules=list(cfg.lora_target_modules),
+        )
+    )
+    for p in denoiser.parameters():
+        if p.requires_grad:  # only LoRA weights
+            p.data = p.data.float()
+
+
 def write_lora_diffusers(unet, directory: str | Path) -> None:
     """Write the UNet's LoRA in the diffusers format into `directory` (not atomic)."""
     from diffusers import StableDiffusionPipeline
@@ -223,7 +242,6 @@ class DDPOTrainer:
     def _prepare_pipeline(self) -> None:
         """DDIM scheduler, frozen fp16/bf16/fp32 weights on the device, a LoRA adapter (fp32)."""
         from diffusers import DDIMScheduler
-        from peft import LoraConfig
 
         cfg, pipe = self.config, self.pipe
         if type(pipe.scheduler).__name__ != "DDIMScheduler":
@@ -240,17 +258,7 @@ class DDPOTrainer:
         pipe.vae.to(self.device, dtype=self.weight_dtype)
         pipe.text_encoder.to(self.device, dtype=self.weight_dtype)
         pipe.unet.to(self.device, dtype=self.weight_dtype)
-        pipe.unet.add_adapter(
-            LoraConfig(
-                r=cfg.lora_rank,
-                lora_alpha=cfg.lora_alpha,
-                init_lora_weights="gaussian",  # B = 0: the adapted model starts as the base one
-                target_modules=list(cfg.lora_target_modules),
-            )
-        )
-        for p in pipe.unet.parameters():
-            if p.requires_grad:  # only LoRA weights: trained and kept in fp32
-                p.data = p.data.float()
+        add_lora(pipe.unet, cfg)
 
     def _build_reward_and_prompts(self, reward_fn, prompt_fn) -> None:
         cfg = self.config

@@ -136,7 +136,15 @@ def run_cell(args, name: str, mode: str, overrides, budget, seed: int, partial: 
     resumes from the checkpoint, which reproduces the uninterrupted run)."""
     out_dir = Path(args.out)
     t_start = time.perf_counter()
-    ns = demo_args(args, mode, overrides, budget, seed, out_dir / "runs" / f"{name}_s{seed}")
+    # The cell's own run folder: cells of other rewards or budgets may run beside it.
+    ns = demo_args(
+        args,
+        mode,
+        overrides,
+        budget,
+        seed,
+        out_dir / "runs" / partial.name.removesuffix(".partial.json"),
+    )
     cfg = demo.demo_config(ns)
     state = json.loads(partial.read_text()) if partial.is_file() else {"epochs": 0, "s": {}}
     run_dir = Path(ns.out)

@@ -32,8 +32,8 @@ EXPERIMENT_ROWS: dict[str, dict | None] = {
     "Euclidean control, two-sided": ABLATIONS["euclidean-two-sided"],
     "Euclidean control, membership": ABLATIONS["euclidean-membership"],
     "no entailment loss": ABLATIONS["no-entailment"],
-    "static cone, two-sided": {"ent_loss": "two-sided", "a_shrink": 0.0},
-    "static cone, membership": {"ent_loss": "membership", "a_shrink": 0.0},
+    "static cone, two-sided": ABLATIONS["static-cone-two-sided"],
+    "static cone, membership": ABLATIONS["static-cone-membership"],
 }
 """Row name -> HyperAlignConfig overrides (``None``: the raw CLIP cosine, no training)."""
 

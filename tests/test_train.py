@@ -477,3 +477,33 @@ def test_progress_round_trips_through_strict_json_and_bad_model_config_is_named(
     bad.write_text('{"k": null}')
     with pytest.raises(ValueError, match=r"HyperAlignConfig.k must be a number, got None"):
         train_mod.configs_from_args(ns)
+
+
+def test_zero_shot_row_trains_nothing_and_ranks_as_the_cosine(subsets, tmp_path):
+    """`zero-shot-cosine` (in `--ablation all`): no epoch is trained and its test predictions
+    rank the pairs exactly as the raw CLIP cosine `s_base` does."""
+    import csv
+
+    from reward.metrics import srcc
+    from reward.train import ZERO_SHOT_ROW
+
+    labels, root = subsets["aigciqa2023"]
+    ds = load_dataset("aigciqa2023", labels)
+    config = TrainConfig(epochs=3, num_workers=0, tensorboard=False, checkpoint_every=0)
+    rows = run_ablations([ZERO_SHOT_ROW], tiny_config(), config, ds, root, tmp_path, cpu=True)
+    assert list(rows) == [ZERO_SHOT_ROW]
+    run = tmp_path / ZERO_SHOT_ROW / "split_0"
+    result = json.loads((run / "result.json").read_text())
+    assert result["epochs_run"] == 0 and result["best_epoch"] == 0
+    best = HyperAlign.from_pretrained(run / "best")
+    gates = [p for n, p in best.named_parameters() if n.endswith("gate")]
+    assert gates and all(float(g) == 0.0 for g in gates)  # CLIP's own features
+    with open(run / "test" / "predictions.csv", newline="") as f:
+        preds = list(csv.DictReader(f))
+    score = np.array([float(r["score"]) for r in preds])
+    s_base = np.array([float(r["s_base"]) for r in preds])
+    assert len(preds) >= 4 and np.unique(s_base).size == len(preds)
+    assert srcc(score, s_base) == pytest.approx(1.0)
+    assert result["test"]["srcc"] == pytest.approx(srcc(s_base, [float(r["mos"]) for r in preds]))
+    with pytest.raises(ValueError, match="zero-shot-cosine"):
+        run_ablations(["no-such-row"], tiny_config(), config, ds, root, tmp_path, cpu=True)

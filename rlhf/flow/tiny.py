@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf.tiny import build_tiny_tokenizer
+from rlhf.tiny import build_tiny_tokenizer, tiny_vae
 
 __all__ = ["build_tiny_sd3_pipeline", "sd3_flow_scheduler", "TINY_CLIP_HIDDEN", "TINY_JOINT_DIM"]
 
@@ -70,7 +70,7 @@ def build_tiny_sd3_pipeline(seed: int = 0, sample_size: int = 8, with_t5: bool =
         A quiet `diffusers.StableDiffusion3Pipeline` with SD3's flow-matching scheduler
         (`sd3_flow_scheduler`). Move it with `.to(device, dtype)`.
     """
-    from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import T5Config, T5EncoderModel
 
     tokenizer = build_tiny_tokenizer()
@@ -89,19 +89,11 @@ def build_tiny_sd3_pipeline(seed: int = 0, sample_size: int = 8, with_t5: bool =
             pooled_projection_dim=2 * TINY_CLIP_HIDDEN,
             pos_embed_max_size=sample_size,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(4, 8),
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            latent_channels=4,
-            layers_per_block=1,
-            norm_num_groups=2,
-            sample_size=2 * sample_size,
-            # A shift as SD3's VAE has one (0.0609 in stable-diffusion-3.5-medium), so the
-            # decoding convention is exercised; the scale is SD 1.x's: with SD3's 1.5305 the
-            # random decoder's images barely vary with the latents, and rewards with them.
+        # A shift as SD3's VAE has one (0.0609 in stable-diffusion-3.5-medium), so the
+        # decoding convention is exercised; the scale is SD 1.x's: with SD3's 1.5305 the
+        # random decoder's images barely vary with the latents, and rewards with them.
+        vae = tiny_vae(
+            sample_size,
             scaling_factor=0.18215,
             shift_factor=0.0609,
             use_quant_conv=False,

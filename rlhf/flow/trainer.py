@@ -32,7 +32,7 @@ from rlhf.flow.pipeline import (
 from rlhf.flow.sampling import encode_prompts, flow_schedule, predict_velocity, sample_with_logprob
 from rlhf.flow.sde import schedule_sigma_cap, sde_step_with_logprob
 from rlhf.flow.select import flow_config_errors
-from rlhf.trainer import DDPOTrainer
+from rlhf.trainer import DDPOTrainer, add_lora
 
 __all__ = ["FlowGRPOTrainer"]
 
@@ -105,8 +105,6 @@ class FlowGRPOTrainer(DDPOTrainer):
     def _prepare_pipeline(self) -> None:
         """Frozen weights on the device (VAE fp32, the rest in the mixed-precision dtype) and
         a LoRA adapter (fp32) on the transformer."""
-        from peft import LoraConfig
-
         cfg, pipe = self.config, self.pipe
         pipe.set_progress_bar_config(disable=True)
         encoders = [
@@ -120,17 +118,7 @@ class FlowGRPOTrainer(DDPOTrainer):
         _move(pipe.vae, self.device, torch.float32)
         for module in (pipe.transformer, *encoders):
             _move(module, self.device, self.weight_dtype)
-        pipe.transformer.add_adapter(
-            LoraConfig(
-                r=cfg.lora_rank,
-                lora_alpha=cfg.lora_alpha,
-                init_lora_weights="gaussian",  # B = 0: the adapted model starts as the base one
-                target_modules=list(cfg.lora_target_modules),
-            )
-        )
-        for p in pipe.transformer.parameters():
-            if p.requires_grad:  # only LoRA weights: trained and kept in fp32
-                p.data = p.data.float()
+        add_lora(pipe.transformer, cfg)
 
     def _denoiser(self):
         """The transformer: it carries the LoRA (`self.unet`, the DDPO trainer's name)."""
