@@ -217,10 +217,16 @@ def table(out: Path) -> str:
 FACT_COLUMNS = ("color", "shape", "size", "count", "relation", "objects_excess")
 
 
+def optimised_gain(cell: dict) -> dict:
+    """The gain of the reward the cell optimised: the oracle's with ``--reward oracle`` (its
+    ``reward_gain`` is then HyperAlign's, measured beside it), else ``reward_gain``."""
+    return cell["oracle_gain"] if cell["reward"] == demo.ORACLE_REWARD else cell["reward_gain"]
+
+
 def hacking(cell: dict) -> bool:
     """The optimised reward rose (its interval above zero) and the oracle did not (its
-    interval reaches zero or below)."""
-    return cell["reward_gain"]["ci95"][0] > 0 and cell["oracle_gain"]["ci95"][0] <= 0
+    interval reaches zero or below); never for the oracle itself."""
+    return optimised_gain(cell)["ci95"][0] > 0 and cell["oracle_gain"]["ci95"][0] <= 0
 
 
 def fidelity_table(out: Path) -> str:
@@ -243,7 +249,7 @@ def fidelity_table(out: Path) -> str:
     for c in cells:
         if "facts" not in c:
             continue
-        o, r = c["oracle_gain"], c["reward_gain"]
+        o, r = c["oracle_gain"], optimised_gain(c)
         top = ceiling.get((c["row"], c["budget"], c["seed"]))
         fid = f"{o['mean'] / top:.2f}" if top else "—"
         facts = " | ".join(

@@ -38,7 +38,9 @@ def oracle_ci(mean):
 
 def test_fidelity_is_the_share_of_the_oracle_as_reward_gain_and_flags_hacking(script, tmp_path):
     cells = {
-        "ppo_24x32_oracle_s0": _cell("oracle", 0.10, 0.10),
+        # With the oracle as the reward, reward_gain is HyperAlign's, measured beside it.
+        "ppo_24x32_oracle_s0": _cell("oracle", 0.10, 0.20),
+        "ppo_24x32_oracle_s1": _cell("oracle", 0.02, 0.06, seed=1),
         "ppo_24x32_shapes_s0": _cell("shapes", 0.05, 0.04),
         "ppo_24x32_shapes-cosine_s0": _cell("shapes-cosine", 0.0, 0.06),
     }
@@ -47,6 +49,10 @@ def test_fidelity_is_the_share_of_the_oracle_as_reward_gain_and_flags_hacking(sc
     table = script.fidelity_table(tmp_path)
     rows = {line.split(" | ")[2]: line for line in table.splitlines()[2:]}
     assert " | 0.50 | " in rows["shapes"] and " | 1.00 | " in rows["oracle"]
+    # The oracle's rows: the optimised (oracle) gain as the reward gain, never hacking.
+    oracle_rows = [line for line in table.splitlines()[2:] if " | oracle | " in line]
+    assert len(oracle_rows) == 2 and all(r.endswith("no |") for r in oracle_rows)
+    assert " | +0.100 | +0.100 [" in oracle_rows[0] and " | +0.020 | +0.020 [" in oracle_rows[1]
     assert rows["shapes-cosine"].endswith("**yes** |")  # reward up, oracle flat
     assert rows["shapes"].endswith("no |")
     assert "+0.050" in rows["shapes"].split(" | ")[7]  # Δ color
