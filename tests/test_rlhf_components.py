@@ -170,9 +170,9 @@ def test_simple_animals_match_shared_file():
 
 @pytest.mark.parametrize("mode", ["group", "group_centered", "global"])
 def test_advantages_ignore_an_increasing_affine_map_of_the_reward(mode):
-    """Why calibrated cosine is the zero-shot cosine as an RL reward: a * r + b (a > 0) gives
-    the same normalised advantages (up to the std's epsilon), so only rewards that re-rank
-    images can train differently."""
+    """Why a calibration ``a * cos + b`` of the raw cosine is the zero-shot cosine as an RL
+    reward: a * r + b (a > 0) gives the same normalised advantages (up to the std's epsilon),
+    so only rewards that re-rank images (trained adapters, a head) can train differently."""
     from rlhf.stat_tracking import global_advantages, group_advantages, group_centered_advantages
 
     rng = np.random.default_rng(0)
