@@ -143,6 +143,14 @@ class ClipTrainConfig:
     """torch CPU threads (at most 2: the machine is shared; on an oversubscribed CPU one thread
     is faster than two). Bit-identical results need the same value."""
 
+    def __post_init__(self) -> None:
+        if self.relation_pairs < 0:
+            raise ValueError(f"relation_pairs must be >= 0 (0 = off), got {self.relation_pairs}")
+        if not -1.0 <= self.relation_max_cos <= 1.0:
+            raise ValueError(
+                f"relation_max_cos is a cosine in [-1, 1] (1 = off), got {self.relation_max_cos}"
+            )
+
 
 # ------------------------------------------------------------------------------------ data
 

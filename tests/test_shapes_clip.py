@@ -173,3 +173,12 @@ def test_relation_pairs_add_the_relation_loss_and_leave_the_default_path_alone()
         enc, backbone.model, np.random.default_rng(7), dataclasses.replace(cfg, relation_pairs=3)
     )
     assert with_rel > base + 0.3  # about log 2 more for towers that cannot tell mirrors apart
+
+
+def test_relation_options_refuse_bad_values():
+    import pytest
+
+    with pytest.raises(ValueError, match="relation_pairs must be >= 0"):
+        ClipTrainConfig(relation_pairs=-1)
+    with pytest.raises(ValueError, match=r"relation_max_cos is a cosine in \[-1, 1\]"):
+        ClipTrainConfig(relation_max_cos=1.5)
