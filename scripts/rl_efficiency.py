@@ -24,7 +24,8 @@ skipped when the script runs again; ``--max-epochs N`` stops a cell after N epoc
 checkpoint and times kept), and the next call resumes it, so a long grid fits processes of
 a few minutes each. Wall time counts every process of a cell except the cached "before".
 Prints the table: row, mode, budget, seed, oracle gain [95 % CI], reward gain, train and
-wall seconds.
+wall seconds; then the summary: per row, budget and reward the seeds' gains, their mean and
+the seed-paired difference to the "ppo" row.
 """
 
 from __future__ import annotations
@@ -200,16 +201,52 @@ def table(out: Path) -> str:
         "HyperAlign gain | train s | wall s |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for path in sorted(out.glob("*_s[0-9]*.json")):
-        if path.name.endswith(".partial.json"):
-            continue
-        c = json.loads(path.read_text())
+    for c in _finished_cells(out):
         o, r = c["oracle_gain"], c["reward_gain"]
         lines.append(
             f"| {c['row']} | {c['mode']} | {' '.join(c['overrides']) or 'preset'} | "
             f"{c['budget']} | {c['seed']} | {c['reward']} | {o['mean']:+.3f} "
             f"[{o['ci95'][0]:+.3f}, {o['ci95'][1]:+.3f}] | {r['mean']:+.3f} | "
             f"{c['train_s']:.0f} | {c['wall_s']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def _finished_cells(out: Path) -> list[dict]:
+    """Every finished cell in `out`, in file-name order."""
+    return [
+        json.loads(p.read_text())
+        for p in sorted(out.glob("*_s[0-9]*.json"))
+        if not p.name.endswith(".partial.json")
+    ]
+
+
+def summary_table(out: Path, baseline: str = "ppo") -> str:
+    """Per (row, budget, reward): the seeds' held-out oracle gains, their mean, the mean
+    seed-paired difference to the `baseline` row of the same budget and reward (over the
+    seeds both have; "—" without any), and the mean wall seconds."""
+    groups: dict[tuple, dict[int, dict]] = {}
+    for c in _finished_cells(out):
+        groups.setdefault((c["row"], c["budget"], c["reward"]), {})[c["seed"]] = c
+    lines = [
+        f"| row | budget | reward | seeds | oracle gain per seed | mean | − {baseline} (paired) | "
+        "wall s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (row, budget, reward), by_seed in sorted(groups.items()):
+        seeds = sorted(by_seed)
+        gains = [by_seed[s]["oracle_gain"]["mean"] for s in seeds]
+        base = groups.get((baseline, budget, reward), {})
+        common = [s for s in seeds if s in base]
+        if row == baseline or not common:
+            diff = "—"
+        else:
+            d = [by_seed[s]["oracle_gain"]["mean"] - base[s]["oracle_gain"]["mean"] for s in common]
+            diff = f"{np.mean(d):+.3f} (n {len(d)})"
+        lines.append(
+            f"| {row} | {budget} | {reward} | {' '.join(map(str, seeds))} | "
+            f"{' / '.join(f'{g:+.3f}' for g in gains)} | {np.mean(gains):+.3f} | {diff} | "
+            f"{np.mean([by_seed[s]['wall_s'] for s in seeds]):.0f} |"
         )
     return "\n".join(lines)
 
@@ -233,11 +270,7 @@ def fidelity_table(out: Path) -> str:
     """Per (row, budget, reward, seed): reward gain, oracle gain, fidelity = oracle gain /
     the oracle-as-reward gain of the same row, budget and seed, the per-kind changes of the
     facts read as true, and the reward-hacking flag."""
-    cells = [
-        json.loads(p.read_text())
-        for p in sorted(out.glob("*_s[0-9]*.json"))
-        if not p.name.endswith(".partial.json")
-    ]
+    cells = _finished_cells(out)
     ceiling = {
         (c["row"], c["budget"], c["seed"]): c["oracle_gain"]["mean"]
         for c in cells
@@ -309,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
                     atomic_write_json(path, result)
                     partial.unlink(missing_ok=True)
     print(table(out))
+    print("\n" + summary_table(out))
     if args.fidelity:
         print("\n" + fidelity_table(out))
     return 0

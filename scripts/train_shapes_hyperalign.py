@@ -20,7 +20,7 @@ import argparse
 from pathlib import Path
 
 from shapes.config_args import add_config_arguments, config_from_args
-from shapes.reward_training import ROWS, ShapesHyperAlignConfig, run_experiment
+from shapes.reward_training import ROWS, SHIPPABLE, ShapesHyperAlignConfig, run_experiment
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,11 +39,19 @@ def main(argv: list[str] | None = None) -> int:
         metavar="ROW",
         help=f"table rows to run (default: all): {', '.join(repr(r) for r in ROWS)}",
     )
+    parser.add_argument(
+        "--ship-rows",
+        nargs="+",
+        default=list(SHIPPABLE),
+        metavar="ROW",
+        help="rows --ship may pick from, by best validation SRCC (default: the cone rows "
+        f"{', '.join(repr(r) for r in SHIPPABLE)}); e.g. 'calibrated cosine'",
+    )
     add_config_arguments(parser, ShapesHyperAlignConfig)
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(ShapesHyperAlignConfig, args)
-        run_experiment(cfg, args.clip, args.out, tuple(args.rows), args.ship)
+        run_experiment(cfg, args.clip, args.out, tuple(args.rows), args.ship, tuple(args.ship_rows))
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     return 0

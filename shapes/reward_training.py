@@ -75,8 +75,9 @@ ROWS: dict[str, dict | None] = {
 }
 """Table rows: name -> HyperAlignConfig overrides (``None``: zero-shot cosine, no training)."""
 SHIPPABLE = ("full HyperAlign", "full, two-sided", "full, two-sided + rails")
-"""Rows whose models can be shipped (the cone model with its regressor): the one shipped is
-the (row, seed) with the best *validation* SRCC among the rows that were run."""
+"""Rows shipped by default (the cone model with its regressor): the one shipped is the
+(row, seed) with the best *validation* SRCC among these rows that were run. `run_experiment`
+can ship any other trained row instead (e.g. "calibrated cosine", as an RL reward baseline)."""
 METRICS = ("srcc", "plcc_logistic", "plcc")
 """Columns of the table."""
 
@@ -434,14 +435,19 @@ def run_experiment(
     out: Path,
     rows: tuple[str, ...] = tuple(ROWS),
     ship_to: Path | None = None,
+    ship_rows: tuple[str, ...] = SHIPPABLE,
 ) -> dict:
     """Every seed and row; writes ``results.json`` / ``results.md`` into ``out``, ships the
-    best full HyperAlign to ``ship_to`` if given, and returns the results payload."""
-    unknown = [r for r in rows if r not in ROWS]
+    model of `ship_rows` with the best validation SRCC to ``ship_to`` if given, and returns
+    the results payload."""
+    unknown = [r for r in (*rows, *ship_rows) if r not in ROWS]
     if unknown:
         raise ValueError(f"unknown rows {unknown}; valid rows: {list(ROWS)}")
-    if ship_to is not None and not set(SHIPPABLE) & set(rows):
-        raise ValueError(f"shipping needs one of the rows {list(SHIPPABLE)}")
+    untrained = [r for r in ship_rows if ROWS[r] is None]
+    if untrained:
+        raise ValueError(f"rows {untrained} train nothing and cannot be shipped")
+    if ship_to is not None and not set(ship_rows) & set(rows):
+        raise ValueError(f"shipping needs one of the rows {list(ship_rows)} in --rows")
     if not Path(clip).is_file():
         raise FileNotFoundError(
             f"CLIP weights {clip} do not exist; train them with scripts/train_shapes_clip.py"
@@ -452,7 +458,7 @@ def run_experiment(
     for seed in cfg.seeds:
         results, models = run_seed(seed, staged, out, cfg, tuple(rows))
         per_seed.append(results)
-        for row in SHIPPABLE:
+        for row in ship_rows:
             val_srcc, model = models.get(row, (-np.inf, None))
             if val_srcc > best[0]:
                 best = (val_srcc, (row, seed), model)

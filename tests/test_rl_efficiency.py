@@ -57,3 +57,28 @@ def test_fidelity_is_the_share_of_the_oracle_as_reward_gain_and_flags_hacking(sc
     assert rows["shapes"].endswith("no |")
     assert "+0.050" in rows["shapes"].split(" | ")[7]  # Δ color
     assert "— |" in rows["shapes"]  # a kind it did not measure
+
+
+def test_summary_pairs_each_row_with_ppo_by_seed(script, tmp_path):
+    cells = {
+        "ppo_24x32_oracle_s0": _cell("oracle", 0.10, 0.0),
+        "ppo_24x32_oracle_s1": _cell("oracle", 0.02, 0.0, seed=1),
+        "raft_24x32_oracle_s0": {**_cell("oracle", 0.04, 0.0), "row": "raft"},
+        "raft_24x32_oracle_s1": {**_cell("oracle", 0.06, 0.0, seed=1), "row": "raft"},
+        "raft_24x32_oracle_s2": {**_cell("oracle", 0.50, 0.0, seed=2), "row": "raft"},
+        "nft_24x32_shapes_s0": {**_cell("shapes", 0.01, 0.0), "row": "nft"},
+    }
+    for name, cell in cells.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(cell))
+    (tmp_path / "raft_24x32_oracle_s3.partial.json").write_text("{}")  # unfinished: ignored
+    rows = {
+        (line.split(" | ")[0][2:], line.split(" | ")[2]): line.split(" | ")
+        for line in script.summary_table(tmp_path).splitlines()[2:]
+    }
+    assert set(rows) == {("ppo", "oracle"), ("raft", "oracle"), ("nft", "shapes")}
+    raft = rows[("raft", "oracle")]
+    assert raft[3] == "0 1 2" and raft[4] == "+0.040 / +0.060 / +0.500"
+    assert raft[5] == "+0.200"  # mean of all three seeds
+    # Paired only over the seeds ppo has: (0.04 - 0.10 + 0.06 - 0.02) / 2.
+    assert raft[6] == "-0.010 (n 2)"
+    assert rows[("ppo", "oracle")][6] == "—" and rows[("nft", "shapes")][6] == "—"

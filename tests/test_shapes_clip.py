@@ -7,6 +7,7 @@ import hashlib
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from shapes.assets import CLIP_ARCH
@@ -123,8 +124,10 @@ def test_relation_quads_pair_each_caption_with_its_mirrored_scene():
     from shapes.clip_training import relation_quads
     from shapes.oracle import oracle_alignment_batch
 
-    texts, images = relation_quads(np.random.default_rng(4), 8, 64, "train")
+    texts, images, targets = relation_quads(np.random.default_rng(4), 8, 64, "train")
     assert len(texts) == 16 and images.shape == (16, 3, 64, 64)
+    # The mirrored half has the opposite position targets; every quadruple has some.
+    assert torch.equal(targets[8:], -targets[:8]) and bool((targets[:8] != 0).any(1).all())
     own = oracle_alignment_batch(images, texts)
     crossed = oracle_alignment_batch(torch.cat([images[8:], images[:8]]), texts)
     assert float(own.min()) == 1.0 and float(crossed.max()) < 1.0
@@ -182,3 +185,61 @@ def test_relation_options_refuse_bad_values():
         ClipTrainConfig(relation_pairs=-1)
     with pytest.raises(ValueError, match=r"relation_max_cos is a cosine in \[-1, 1\]"):
         ClipTrainConfig(relation_max_cos=1.5)
+
+
+def test_relation_targets_place_subject_and_object_along_the_axis():
+    """-1 / +1 at the subject's / object's colour and shape along the relation's axis (in
+    image coordinates); no target for a colour two entities share."""
+    from shapes.clip_training import PROBE_SLOTS, relation_targets
+
+    def slots(text):
+        t = relation_targets(parse_prompt(text))
+        return {PROBE_SLOTS[i]: float(t[i]) for i in t.nonzero().flatten().tolist()}
+
+    assert slots("a red circle left of a blue square") == {
+        ("red", "x"): -1.0,
+        ("circle", "x"): -1.0,
+        ("blue", "x"): 1.0,
+        ("square", "x"): 1.0,
+    }
+    assert slots("a red circle below a red square") == {("circle", "y"): 1.0, ("square", "y"): -1.0}
+    with pytest.raises(ValueError, match="has no relation"):
+        relation_targets(parse_prompt("a red circle"))
+
+
+def test_position_probe_loss_counts_only_the_targets_and_falls_as_the_probe_agrees():
+    from shapes.clip_training import position_probe_loss
+
+    head = torch.nn.Linear(2, 3, bias=False)
+    f = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    targets = torch.tensor([[1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
+    with torch.no_grad():
+        head.weight.zero_()
+    assert abs(position_probe_loss(head, f, targets).item() - np.log(2.0)) < 1e-6
+    with torch.no_grad():  # agrees with both targets; the third output has none
+        head.weight.copy_(torch.tensor([[5.0, 0.0], [0.0, -5.0], [-9.0, 9.0]]))
+    assert position_probe_loss(head, f, targets).item() < 0.01
+    with pytest.raises(ValueError, match="needs relation_pairs"):
+        ClipTrainConfig(relation_probe_weight=1.0)
+    with pytest.raises(ValueError, match="relation_probe_weight must be >= 0"):
+        ClipTrainConfig(relation_pairs=2, relation_probe_weight=-1.0)
+
+
+def test_position_probe_finds_the_layout_in_the_resnet_trunk_and_not_in_shuffled_targets():
+    """The probe is a working instrument: the shipped CLIP's trunk (before the attention
+    pool) holds where each colour and shape lies, the shuffled control is near chance, and
+    probing leaves the model's weights, batch-norm statistics and mode alone."""
+    from reward.backbone import load_backbone
+    from shapes.assets import CLIP_CONFIG, CLIP_WEIGHTS
+    from shapes.clip_training import Encoder, clip_arch, position_probe_accuracy
+
+    backbone = load_backbone(clip_arch(ClipTrainConfig(arch=str(CLIP_CONFIG))), str(CLIP_WEIGHTS))
+    model = backbone.model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    enc = Encoder(backbone)
+    real = position_probe_accuracy(enc, np.random.default_rng(3), 128, steps=300)
+    control = position_probe_accuracy(enc, np.random.default_rng(3), 128, steps=300, shuffle=True)
+    assert set(real) == {"image", "text", "trunk"}
+    assert real["trunk"] > 0.9 and control["trunk"] < 0.65
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

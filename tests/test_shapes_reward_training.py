@@ -43,8 +43,32 @@ def test_bad_requests_fail_before_any_work(tmp_path):
         run_experiment(cfg, CLIP_WEIGHTS, tmp_path, ("best row",))
     with pytest.raises(ValueError, match="shipping needs one of the rows"):
         run_experiment(cfg, CLIP_WEIGHTS, tmp_path, ("zero-shot cosine",), ship_to=tmp_path / "s")
+    with pytest.raises(ValueError, match="train nothing and cannot be shipped"):
+        run_experiment(
+            cfg,
+            CLIP_WEIGHTS,
+            tmp_path,
+            ("zero-shot cosine",),
+            tmp_path / "s",
+            ship_rows=("zero-shot cosine",),
+        )
+    with pytest.raises(ValueError, match="unknown rows"):
+        run_experiment(cfg, CLIP_WEIGHTS, tmp_path, ("full HyperAlign",), ship_rows=("cosine",))
     with pytest.raises(FileNotFoundError, match="train them with scripts/train_shapes_clip.py"):
         run_experiment(cfg, tmp_path / "missing.safetensors", tmp_path)
     with pytest.raises(ValueError, match="at least one seed"):
         ShapesHyperAlignConfig(seeds=())
     assert not any(tmp_path.iterdir())  # nothing was written
+
+
+def test_ship_rows_ships_the_calibrated_cosine(tmp_path):
+    """`ship_rows` picks among other rows: the calibrated cosine, an RL reward baseline."""
+    cfg = ShapesHyperAlignConfig(seeds=(0,), n_prompts=30, epochs=1)
+    rows = ("calibrated cosine", "full HyperAlign")
+    ship = tmp_path / "shipped"
+    payload = run_experiment(
+        cfg, CLIP_WEIGHTS, tmp_path / "run", rows, ship_to=ship, ship_rows=("calibrated cosine",)
+    )
+    assert payload["shipped"] == {"row": "calibrated cosine", "seed": 0}
+    model = HyperAlign.from_pretrained(ship)
+    assert model.config.extra["row"] == "calibrated cosine"
