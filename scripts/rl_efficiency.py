@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import time
 from dataclasses import asdict
@@ -50,6 +51,12 @@ def parse_row(text: str) -> tuple[str, str, list[str]]:
     if not sep or not name or not parts[0]:
         raise ValueError(f"row {text!r} is not NAME=MODE[,FIELD=VALUE,...]")
     return name, parts[0], [p for p in parts[1:] if p]
+
+
+def reward_tag(reward: str) -> str:
+    """`reward` as it appears in a cell's file name: a checkpoint path's separators and other
+    characters outside ``[A-Za-z0-9._-]`` become "-" ("runs/calib" -> "runs-calib")."""
+    return re.sub(r"[^A-Za-z0-9._-]", "-", reward)
 
 
 def parse_budget(text: str) -> tuple[int, int]:
@@ -330,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, mode, overrides in rows:
             for budget in budgets:
                 for seed in args.seeds:
-                    cell = f"{name}_{budget[0]}x{budget[1]}_{args.reward}_s{seed}"
+                    cell = f"{name}_{budget[0]}x{budget[1]}_{reward_tag(args.reward)}_s{seed}"
                     path = out / f"{cell}.json"
                     if path.is_file():
                         continue

@@ -82,3 +82,9 @@ def test_summary_pairs_each_row_with_ppo_by_seed(script, tmp_path):
     # Paired only over the seeds ppo has: (0.04 - 0.10 + 0.06 - 0.02) / 2.
     assert raft[6] == "-0.010 (n 2)"
     assert rows[("ppo", "oracle")][6] == "—" and rows[("nft", "shapes")][6] == "—"
+
+
+def test_a_checkpoint_path_as_reward_names_a_file_not_a_folder(script):
+    assert script.reward_tag("runs/calib_cos") == "runs-calib_cos"
+    assert script.reward_tag("shapes-cosine") == "shapes-cosine"
+    assert "/" not in script.reward_tag("/abs/path with space/ckpt")
