@@ -492,9 +492,8 @@ def _probe_accuracy(x: torch.Tensor, y: torch.Tensor, train: torch.Tensor, steps
     head = torch.nn.Linear(x.shape[1], y.shape[1])
     opt = torch.optim.Adam(head.parameters(), lr=1e-2)
     xt, yt = x[train], y[train]
-    m = yt != 0
     for _ in range(steps):
-        loss = F.softplus(-yt[m] * head(xt)[m]).mean() + 1e-3 * head.weight.pow(2).sum()
+        loss = position_probe_loss(head, xt, yt) + 1e-3 * head.weight.pow(2).sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -549,8 +548,8 @@ def position_probe_accuracy(
     out = {k: torch.cat(v) for k, v in feats.items()}
     if pool is not None:
         out["trunk"] = torch.cat(grabbed["x"]).flatten(1)
-    torch.manual_seed(0)
-    with torch.enable_grad():
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():  # the caller's RNG untouched
+        torch.manual_seed(0)
         return {k: _probe_accuracy(x.float(), y, train_rows, steps) for k, x in out.items()}
 
 
