@@ -15,8 +15,14 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)  ## create .venv and install the project with its dev extra
 
+# One torch thread: on the 2-core box the reward runs in worker threads beside the sampler, and
+# two torch threads made epochs up to 2x slower (BENCHMARKS.md, the main job). More cores:
+# make demo DEMO_THREADS=4
+DEMO_THREADS ?= 1
+
 demo: $(STAMP)  ## the main job: DDPO + HyperAlign on the shapes world, judged by an oracle
 	$(VENV)/bin/accelerate launch --cpu --num_processes 1 --num_machines 1 \
+		--num_cpu_threads_per_process $(DEMO_THREADS) \
 		--mixed_precision no --dynamo_backend no -m hyperalign demo --out runs/demo $(DEMO_ARGS)
 
 test: $(STAMP)  ## the offline CPU test suite (slow tests excluded)

@@ -16,14 +16,12 @@ reward prefers the faithful scene, per perturbation kind.
 from __future__ import annotations
 
 import argparse
-from collections import defaultdict
 
-import numpy as np
 import torch
 
 from reward import build_reward
 from reward.metrics import srcc
-from shapes.fresh import fresh_set
+from shapes.fresh import faithful_preference, fresh_set
 
 
 def evaluate(reward, style: str, seed: int, n_prompts: int) -> dict[str, float]:
@@ -43,14 +41,7 @@ def evaluate(reward, style: str, seed: int, n_prompts: int) -> dict[str, float]:
         "cosine_vs_truth": srcc(cos, fresh.truth),
         "cosine_vs_mos": srcc(cos, fresh.mos),
     }
-    faithful = {
-        p: k for k, (p, kind) in enumerate(zip(fresh.prompts, fresh.kinds)) if kind == "faithful"
-    }
-    wins = defaultdict(list)
-    for k, (p, kind) in enumerate(zip(fresh.prompts, fresh.kinds)):
-        if kind != "faithful" and "+" not in kind:
-            wins[kind].append(float(r[faithful[p]] > r[k]))
-    out.update({f"pair_{kind}": float(np.mean(v)) for kind, v in sorted(wins.items())})
+    out.update({f"pair_{k}": v for k, v in faithful_preference(fresh, r).items()})
     return out
 
 

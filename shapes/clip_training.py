@@ -46,6 +46,7 @@ from shapes.prompts import Entity, PromptSampler, PromptSpec, Relation, sample_p
 from shapes.styles import sample_style, sample_world_style
 from shapes.world import (
     COLORS,
+    RELATION_AXES,
     RELATIONS,
     SHAPES,
     SIZES,
@@ -464,8 +465,8 @@ def relation_targets(spec: PromptSpec) -> torch.Tensor:
     rel = spec.relation
     if rel is None:
         raise ValueError(f"{spec.text!r} has no relation")
-    axis = "x" if rel.relation in ("left of", "right of") else "y"
-    sign = -1.0 if rel.relation in ("left of", "above") else 1.0
+    axis, direction = RELATION_AXES[rel.relation]
+    sign = -float(direction)  # the subject lies before the object along `direction`
     out = torch.zeros(len(PROBE_SLOTS))
     for idx, value in ((rel.subject, sign), (rel.object, -sign)):
         for attr in ("color", "shape"):

@@ -28,7 +28,7 @@ from shapes.prompts import PromptSpec
 from shapes.styles import sample_style, sample_world_style
 from shapes.world import render, to_tensor
 
-__all__ = ["FreshSet", "fresh_set", "heldout_specs", "role_swap_set"]
+__all__ = ["FreshSet", "faithful_preference", "fresh_set", "heldout_specs", "role_swap_set"]
 
 
 @dataclass
@@ -40,6 +40,21 @@ class FreshSet:
     mos: np.ndarray  # (N,)
     truth: np.ndarray  # (N,) true alignment under the set's truth model
     kinds: list[str]  # (N,) "faithful" or the perturbation kind
+
+
+def faithful_preference(fresh: FreshSet, scores: np.ndarray) -> dict[str, float]:
+    """Per single perturbation kind, the share of (faithful, perturbed) pairs of one prompt
+    where ``scores`` (N,) rank the faithful scene strictly higher (ties count as losses)."""
+    if len(scores) != len(fresh.prompts):
+        raise ValueError(f"scores has {len(scores)} entries for a set of {len(fresh.prompts)}")
+    faithful = {
+        p: k for k, (p, kind) in enumerate(zip(fresh.prompts, fresh.kinds)) if kind == "faithful"
+    }
+    wins: dict[str, list[float]] = {}
+    for k, (p, kind) in enumerate(zip(fresh.prompts, fresh.kinds)):
+        if kind != "faithful" and "+" not in kind:
+            wins.setdefault(kind, []).append(float(scores[faithful[p]] > scores[k]))
+    return {kind: float(np.mean(v)) for kind, v in sorted(wins.items())}
 
 
 def heldout_specs(rng: np.random.Generator, n: int) -> list[PromptSpec]:

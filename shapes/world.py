@@ -241,8 +241,27 @@ def polygon(obj: SceneObject, size: float) -> list[tuple[float, float]]:
     return out
 
 
-RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
+RELATION_AXES: dict[str, tuple[str, int]] = {
+    "left of": ("x", 1),
+    "right of": ("x", -1),
+    "above": ("y", 1),
+    "below": ("y", -1),
+}
+"""Each relation's axis and direction: "a <relation> b" means that b lies further than a
+along the axis in that direction (y points down, so "above" means a smaller ``cy``)."""
+RELATIONS: tuple[str, ...] = tuple(RELATION_AXES)
 """Spatial relations, read "subject <relation> object"."""
+
+
+def relation_offsets(a, b, relation: str) -> tuple[float, float]:
+    """``(along, across)``: how far ``b`` lies from ``a`` along ``relation``'s axis, in its
+    direction (:data:`RELATION_AXES`), and across it. Objects have centres ``cx, cy``."""
+    if relation not in RELATION_AXES:
+        raise ValueError(f"unknown relation {relation!r}; valid relations: {RELATIONS}")
+    axis, direction = RELATION_AXES[relation]
+    dx, dy = b.cx - a.cx, b.cy - a.cy
+    along, across = (dx, dy) if axis == "x" else (dy, dx)
+    return direction * along, across
 
 
 def relation_holds(a, b, relation: str, margin: float = 0.05) -> bool:
@@ -252,17 +271,7 @@ def relation_holds(a, b, relation: str, margin: float = 0.05) -> bool:
     ``b.cx - a.cx > margin``; likewise for the others (y points down, so "above" means a
     smaller ``cy``). The four relations are mutually exclusive.
     """
-    dx, dy = b.cx - a.cx, b.cy - a.cy
-    if relation == "left of":
-        along, across = dx, dy
-    elif relation == "right of":
-        along, across = -dx, dy
-    elif relation == "above":
-        along, across = dy, dx
-    elif relation == "below":
-        along, across = -dy, dx
-    else:
-        raise ValueError(f"unknown relation {relation!r}; valid relations: {RELATIONS}")
+    along, across = relation_offsets(a, b, relation)
     return along > abs(across) and along > margin
 
 
@@ -281,13 +290,7 @@ def fits(cand: SceneObject, others: Sequence[SceneObject], cfg: WorldConfig) -> 
 
 def _relation_clear(a: SceneObject, b: SceneObject, relation: str, cfg: WorldConfig) -> bool:
     """``a <relation> b`` holds with the along-axis separation >= ratio * across separation."""
-    dx, dy = b.cx - a.cx, b.cy - a.cy
-    along, across = {
-        "left of": (dx, dy),
-        "right of": (-dx, dy),
-        "above": (dy, dx),
-        "below": (-dy, dx),
-    }[relation]
+    along, across = relation_offsets(a, b, relation)
     return along > 0 and along >= cfg.relation_ratio * abs(across)
 
 

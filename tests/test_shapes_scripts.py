@@ -14,7 +14,13 @@ import pytest
 from shapes.config_args import add_config_arguments, config_from_args
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = ["train_shapes_sd", "train_shapes_clip", "train_shapes_hyperalign", "bench_oracle"]
+SCRIPTS = [
+    "train_shapes_sd",
+    "train_shapes_clip",
+    "train_shapes_hyperalign",
+    "bench_oracle",
+    "eval_reward_on_sd",
+]
 
 
 @dataclass
@@ -64,3 +70,34 @@ def test_script_help_is_its_usage(name):
     assert proc.returncode == 0, proc.stderr
     assert "Usage" in proc.stdout or "usage" in proc.stdout
     assert f"scripts/{name}.py" in proc.stdout
+
+
+def test_eval_reward_on_sd_prints_a_row_per_reward():
+    """The tiny SD's images are generated, read by the oracle and scored by each reward."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "eval_reward_on_sd.py"),
+            "--seeds",
+            "0",
+            "--eval-prompts",
+            "6",
+            "--eval-images",
+            "1",
+            "--rewards",
+            "shapes",
+            "shapes-cosine",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "6 images of the base model (1 seeds)" in proc.stdout
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| shapes")]
+    assert [r[1].strip() for r in rows] == ["shapes", "shapes-cosine"], proc.stdout
+    for r in rows:
+        assert -1.0 <= float(r[2]) <= 1.0 and -1.0 <= float(r[3]) <= 1.0, r
