@@ -154,22 +154,33 @@ def load_rows(data_dir: Path) -> dict[str, list]:
     return {s: load_split(data_dir / f"{s}.csv") for s in SPLITS}
 
 
+def _frozen(backbone) -> HyperAlign:
+    """``backbone`` inside a frozen HyperAlign, for its preprocessing, tokenizer and towers."""
+    cfg = HyperAlignConfig(backbone=register_clip_config(), pretrained=None, tuning="frozen")
+    return HyperAlign(cfg, backbone=backbone).eval()
+
+
+def _encode_batch(model: HyperAlign, pixels: torch.Tensor, prompts: list[str]):
+    """Raw CLIP features ``(B, D)`` of images ``(B, 3, H, W)`` and of their prompts."""
+    return model.clip.encode_image(model.preprocess(pixels)), model.clip.encode_text(
+        model.tokenize(prompts)
+    )
+
+
 @torch.no_grad()
 def encode(backbone, rows: dict[str, list], batch: int = 256) -> dict[str, dict[str, torch.Tensor]]:
     """Raw (pre-adapter) CLIP features ``(N, D)`` of every row's image and prompt, with the
     MOS and the true alignment ``(N,)``, per split."""
-    model = HyperAlign(
-        HyperAlignConfig(backbone=register_clip_config(), pretrained=None, tuning="frozen"),
-        backbone=backbone,
-    ).eval()
+    model = _frozen(backbone)
     out = {}
     for split, items in rows.items():
         f_i, f_t = [], []
         for k in range(0, len(items), batch):
             chunk = items[k : k + batch]
             pixels = torch.stack([load_image(r.image) for r in chunk])  # (B, 3, H, W)
-            f_i.append(model.clip.encode_image(model.preprocess(pixels)))
-            f_t.append(model.clip.encode_text(model.tokenize([r.prompt for r in chunk])))
+            fi, ft = _encode_batch(model, pixels, [r.prompt for r in chunk])
+            f_i.append(fi)
+            f_t.append(ft)
         out[split] = {
             "image": torch.cat(f_i),  # (N, D)
             "text": torch.cat(f_t),  # (N, D)
@@ -184,15 +195,12 @@ def encode_tensors(
     backbone, images: torch.Tensor, prompts: list[str], batch: int = 256
 ) -> dict[str, torch.Tensor]:
     """Raw CLIP features ``(N, D)`` of in-memory images ``(N, 3, H, W)`` and their prompts."""
-    model = HyperAlign(
-        HyperAlignConfig(backbone=register_clip_config(), pretrained=None, tuning="frozen"),
-        backbone=backbone,
-    ).eval()
-    f_i, f_t = [], []
-    for k in range(0, len(prompts), batch):
-        f_i.append(model.clip.encode_image(model.preprocess(images[k : k + batch])))
-        f_t.append(model.clip.encode_text(model.tokenize(prompts[k : k + batch])))
-    return {"image": torch.cat(f_i), "text": torch.cat(f_t)}
+    model = _frozen(backbone)
+    feats = [
+        _encode_batch(model, images[k : k + batch], prompts[k : k + batch])
+        for k in range(0, len(prompts), batch)
+    ]
+    return {"image": torch.cat([f[0] for f in feats]), "text": torch.cat([f[1] for f in feats])}
 
 
 def predict(model: HyperAlign, feats: dict[str, torch.Tensor]) -> np.ndarray:
