@@ -3,6 +3,7 @@
 Usage:
     HF_HUB_OFFLINE=1 python scripts/diagnose_demo_signal.py [--prompts 64] [--images 8]
         [--reward shapes] [--seed 0] [--cache /tmp/demo_signal.safetensors]
+    HF_HUB_OFFLINE=1 python scripts/diagnose_demo_signal.py --branch 0 4 9 14 19 [--prompts 64]
 
 Draws ``--images`` images for each of the first ``--prompts`` held-out prompts of the shipped
 shapes pipeline with the demo's sampler settings (20 DDIM steps, eta 1, CFG 3), scores them
@@ -24,6 +25,14 @@ With ``--loras DIR ...`` (LoRA folders written by the demo), it instead judges t
 and each LoRA on ``--prompts`` held-out prompts x 2 images: per-kind fact accuracy and the
 mean number of objects the oracle reads minus the number asked for (reward hacking by extra
 objects shows up there).
+
+With ``--branch S ...``, it instead measures where the oracle's outcome is decided: for each S,
+the ``--images`` images of a prompt share the initial noise and the first S denoising steps
+(the same trajectory) and diverge after; it prints the within-prompt oracle variance and the
+oracle's best-of-K gain. What is left at S is the part of the outcome the steps after S
+decide, i.e. what their log-probabilities can be credited with in a policy gradient. Then,
+per step, the noise std and the step's share of the squared gradient norm of the log-prob
+(w.r.t. the attention projections the LoRA adapts): how much of a DDPO gradient it supplies.
 
 Images are cached (``--cache FILE.safetensors``, prompts and settings in ``FILE.json``) so
 other rewards can be compared on the same samples; a cache made with other prompts, image
@@ -118,6 +127,101 @@ def judge_loras(loras: list[str], n_prompts: int, seed: int) -> None:
         print(f"| {lora or 'base'} | {np.mean(surplus):+.2f} | {acc} |")
 
 
+@torch.no_grad()
+def branched_latents(pipe, prompt: str, k: int, shared: int, gen: torch.Generator):
+    """Final latents (k, C, h, w) of ``k`` images of ``prompt`` that share the initial noise
+    and the first ``shared`` steps of the demo's sampler (0: only the initial noise) and draw
+    independent step noise after. Image 0 follows the same trajectory whatever ``shared``
+    (the group copies it), so one generator state gives one shared prefix for every S."""
+    from rlhf.ddim_logprob import ddim_step_with_logprob
+    from rlhf.sampling import encode_prompts, predict_noise
+
+    s, sched, unet = DEMO_SAMPLER, pipe.scheduler, pipe.unet
+    embeds = encode_prompts(pipe, [prompt] * k, pipe.device)  # (k, L, D)
+    neg = encode_prompts(pipe, [""], pipe.device).expand(k, -1, -1)
+    size = unet.config.sample_size
+    x = torch.randn(1, unet.config.in_channels, size, size, generator=gen).expand(k, -1, -1, -1)
+    sched.set_timesteps(s.steps)
+    for i, t in enumerate(sched.timesteps):
+        eps = predict_noise(unet, x, t, embeds, neg, s.guidance_scale)
+        x = ddim_step_with_logprob(sched, eps, t, x, eta=s.eta, generator=gen).prev_sample
+        if i < shared:
+            x = x[:1].expand(k, -1, -1, -1)  # the group keeps image 0's trajectory
+    return x
+
+
+def branched_oracle(pipe, prompts: list[str], k: int, shared: int, seed: int) -> np.ndarray:
+    """Oracle alignments (P, k) of :func:`branched_latents` for each prompt."""
+    from rlhf.sampling import decode_latents
+    from shapes.oracle import ShapesOracleReward
+
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for prompt in prompts:
+        with torch.no_grad():
+            images = decode_latents(pipe, branched_latents(pipe, prompt, k, shared, gen))
+        out.append(ShapesOracleReward()(images, [prompt] * k, [{}] * k)[0].numpy())
+    return np.stack(out)
+
+
+def step_gradient_shares(pipe, prompts: list[str], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(std (T,), share (T,)): each step's noise std and its share of the summed squared norm
+    of grad log p(x_{t-1} | x_t) w.r.t. the attention projections (the LoRA's targets), over
+    one demo-sampler trajectory per prompt: how much of a DDPO gradient each step supplies."""
+    from rlhf.ddim_logprob import ddim_step_with_logprob
+    from rlhf.sampling import encode_prompts, predict_noise, sample_with_logprob
+
+    unet = pipe.unet
+    params = [p for n, p in unet.named_parameters() if any(k in n for k in _LORA_TARGETS)]
+    embeds = encode_prompts(pipe, prompts, pipe.device)
+    neg = encode_prompts(pipe, [""], pipe.device).expand(len(prompts), -1, -1)
+    s = DEMO_SAMPLER
+    traj = sample_with_logprob(
+        pipe, embeds, neg, s.steps, s.guidance_scale, s.eta,
+        generator=torch.Generator().manual_seed(seed), decode=False,
+    )  # fmt: skip
+    sq = np.zeros((len(prompts), s.steps))
+    std = np.zeros(s.steps)
+    for j in range(s.steps):
+        for b in range(len(prompts)):
+            x, t = traj.latents[b : b + 1, j], traj.timesteps[b, j]
+            eps = predict_noise(unet, x, t, embeds[b : b + 1], neg[:1], s.guidance_scale)
+            step = ddim_step_with_logprob(
+                pipe.scheduler, eps, t, x, eta=s.eta, prev_sample=traj.next_latents[b : b + 1, j]
+            )
+            grads = torch.autograd.grad(step.log_prob.sum(), params)
+            sq[b, j] = float(sum((g.double() ** 2).sum() for g in grads))
+        std[j] = float(step.std.reshape(-1)[0])
+    total = sq.mean(0)
+    return std, total / total.sum()
+
+
+_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out")
+
+
+def print_branching(n_prompts: int, k: int, shared_steps: list[int], seed: int) -> None:
+    """Within-prompt oracle variance and best-of-K gain when images share the first S steps."""
+    pipe = load_pipeline(DEFAULT_PIPELINE)
+    prompts = held_out_prompts(DEFAULT_PIPELINE)[:n_prompts]
+    print(f"{len(prompts)} held-out prompts x {k} images, {DEMO_SAMPLER.steps} steps\n")
+    print(
+        "| steps shared | within-prompt oracle variance | share of S = 0 | oracle best-of-K gain |"
+    )
+    print("|---|---|---|---|")
+    base = None
+    for shared in shared_steps:
+        oo = branched_oracle(pipe, prompts, k, shared, seed)
+        var = float(oo.var(1, ddof=1).mean())
+        base = var if base is None else base
+        gain = float((oo.max(1) - oo.mean(1)).mean())
+        print(f"| {shared} | {var:.4f} | {var / base:.2f} | {gain:+.3f} |")
+    std, share = step_gradient_shares(pipe, prompts[:8], seed)
+    print("\n| step | noise std | share of the log-prob gradient (squared norm) |")
+    print("|---|---|---|")
+    for j, (sd, sh) in enumerate(zip(std, share), start=1):
+        print(f"| {j} | {sd:.3f} | {sh:.3f} |")
+
+
 def reward_and_oracle(reward, images: torch.Tensor, prompts: list[str]):
     """HyperAlign rewards (batches of 64) and oracle alignments of ``images``, (N,) each."""
     from shapes.oracle import ShapesOracleReward
@@ -210,7 +314,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", default=None, help="reuse / store the generated images here")
     ap.add_argument("--loras", nargs="*", default=None, help="judge these LoRA folders")
+    ap.add_argument(
+        "--branch", nargs="*", type=int, default=None, help="steps shared, e.g. 0 4 9 14 19"
+    )
     args = ap.parse_args(argv)
+    if args.branch is not None:
+        if (
+            not args.branch
+            or args.branch[0] != 0
+            or any(not 0 <= b <= DEMO_SAMPLER.steps for b in args.branch)
+        ):
+            ap.error(f"--branch takes step counts in 0..{DEMO_SAMPLER.steps}, starting with 0")
+        print_branching(args.prompts, args.images, args.branch, args.seed)
+        return 0
     if args.loras is not None:
         judge_loras(args.loras, args.prompts, args.seed)
         return 0

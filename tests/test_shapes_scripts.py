@@ -101,3 +101,52 @@ def test_eval_reward_on_sd_prints_a_row_per_reward():
     assert [r[1].strip() for r in rows] == ["shapes", "shapes-cosine"], proc.stdout
     for r in rows:
         assert -1.0 <= float(r[2]) <= 1.0 and -1.0 <= float(r[3]) <= 1.0, r
+
+
+def _diagnose_script():
+    """``scripts/diagnose_demo_signal.py`` as a module."""
+    import importlib.util
+
+    path = REPO / "scripts" / "diagnose_demo_signal.py"
+    spec = importlib.util.spec_from_file_location("diagnose_demo_signal", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_branched_latents_share_exactly_the_first_steps():
+    """`diagnose_demo_signal --branch`: images share the trajectory up to S and only then
+    differ; image 0 is the same trajectory for every S."""
+    import torch
+
+    from rlhf.pipeline import load_pipeline
+
+    d = _diagnose_script()
+
+    pipe = load_pipeline(d.DEFAULT_PIPELINE)
+    steps = d.DEMO_SAMPLER.steps
+    out = {
+        s: d.branched_latents(pipe, "a red circle", 3, s, torch.Generator().manual_seed(5))
+        for s in (0, 10, steps)
+    }
+    assert torch.equal(out[steps][0], out[steps][1]) and torch.equal(out[steps][0], out[steps][2])
+    for s in (0, 10):
+        assert (out[s][0] - out[s][1]).abs().max() > 1e-3  # diverged after S
+        assert torch.equal(out[s][0], out[steps][0])  # image 0: one trajectory
+    # sharing more steps leaves the group closer together
+    spread = {s: (out[s] - out[s].mean(0)).pow(2).mean().item() for s in (0, 10)}
+    assert spread[10] < spread[0]
+
+
+def test_step_gradient_shares_sum_to_one_and_the_last_steps_dominate():
+    """The measurement behind the demo preset's trained steps: on the shipped model the two
+    smallest-std steps supply most of the log-prob gradient (BENCHMARKS.md, "Efficiency")."""
+    from rlhf.pipeline import load_pipeline
+
+    d = _diagnose_script()
+
+    pipe = load_pipeline(d.DEFAULT_PIPELINE)
+    std, share = d.step_gradient_shares(pipe, ["a red circle", "two blue squares"], seed=0)
+    assert len(share) == d.DEMO_SAMPLER.steps and abs(share.sum() - 1) < 1e-9
+    assert std[-1] < std[0]
+    assert share[-2:].sum() > 0.5 > share[:-2].sum()
