@@ -24,7 +24,9 @@ with the HyperAlign reward and the shapes-world oracle, and prints:
 With ``--loras DIR ...`` (LoRA folders written by the demo), it instead judges the base model
 and each LoRA on ``--prompts`` held-out prompts x 2 images: per-kind fact accuracy and the
 mean number of objects the oracle reads minus the number asked for (reward hacking by extra
-objects shows up there).
+objects shows up there), and the mean oracle alignment. ``--on training [--run-seed S]``
+judges on the RL training prompts of the demo run with ``--seed S`` instead: in-sample
+against held-out gain.
 
 With ``--branch S ...``, it instead measures where the oracle's outcome is decided: for each S,
 the ``--images`` images of a prompt share the initial noise and the first S denoising steps
@@ -106,14 +108,32 @@ def base_images(n_prompts: int, k: int, seed: int, cache: Path | None):
     return images, prompts
 
 
-def judge_loras(loras: list[str], n_prompts: int, seed: int) -> None:
-    """Fact accuracy per kind and surplus objects, base model vs each LoRA."""
-    from shapes.oracle import read_objects
+def judged_prompts(n_prompts: int, on: str, run_seed: int) -> list[str]:
+    """The first ``n_prompts`` held-out prompts (``on="held-out"``), or of the RL training
+    prompts of ``hyperalign demo --seed run_seed`` with its defaults (``on="training"``)."""
+    if on == "training":
+        from rlhf import demo
+
+        parser = argparse.ArgumentParser()
+        demo.add_arguments(parser)
+        run = parser.parse_args(["--seed", str(run_seed)])  # the demo's defaults
+        return demo.demo_prompts(run).training[:n_prompts]
+    return held_out_prompts(DEFAULT_PIPELINE)[:n_prompts]
+
+
+def judge_loras(
+    loras: list[str], n_prompts: int, seed: int, on: str = "held-out", run_seed: int = 0
+) -> None:
+    """Fact accuracy per kind, surplus objects and oracle alignment, base model vs each LoRA,
+    on held-out or RL training prompts (:func:`judged_prompts`)."""
+    from shapes.oracle import ShapesOracleReward, read_objects
     from shapes.prompts import as_facts, evaluate_facts, parse_prompt
 
-    prompts = [p for p in held_out_prompts(DEFAULT_PIPELINE)[:n_prompts] for _ in range(2)]
-    print("| model | objects read − asked | " + " | ".join(KIND_COLUMNS) + " |")
-    print("|---|---|" + "---|" * len(KIND_COLUMNS))
+    prompts = [p for p in judged_prompts(n_prompts, on, run_seed) for _ in range(2)]
+    print(f"{len(prompts) // 2} {on} prompts x 2 images")
+    print("| model | oracle (Δ) | objects read − asked | " + " | ".join(KIND_COLUMNS) + " |")
+    print("|---|---|---|" + "---|" * len(KIND_COLUMNS))
+    base = None
     for lora in [None, *loras]:
         x = sample_model(prompts, seed, lora)
         hits, surplus = defaultdict(list), []
@@ -124,7 +144,9 @@ def judge_loras(loras: list[str], n_prompts: int, seed: int) -> None:
             for f, ok in zip(facts, evaluate_facts(facts, objs)):
                 hits[f.kind].append(bool(ok))
         acc = " | ".join(f"{np.mean(hits[k]):.3f}" if hits[k] else "—" for k in KIND_COLUMNS)
-        print(f"| {lora or 'base'} | {np.mean(surplus):+.2f} | {acc} |")
+        o = float(ShapesOracleReward()(x, prompts, [{}] * len(prompts))[0].mean())
+        base = o if base is None else base
+        print(f"| {lora or 'base'} | {o:.3f} ({o - base:+.3f}) | {np.mean(surplus):+.2f} | {acc} |")
 
 
 @torch.no_grad()
@@ -315,6 +337,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", default=None, help="reuse / store the generated images here")
     ap.add_argument("--loras", nargs="*", default=None, help="judge these LoRA folders")
     ap.add_argument(
+        "--on",
+        choices=("held-out", "training"),
+        default="held-out",
+        help="--loras: judge on held-out prompts or on the RL training prompts of --run-seed",
+    )
+    ap.add_argument("--run-seed", type=int, default=0, help="--on training: the demo's --seed")
+    ap.add_argument(
         "--branch", nargs="*", type=int, default=None, help="steps shared, e.g. 0 4 9 14 19"
     )
     args = ap.parse_args(argv)
@@ -328,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         print_branching(args.prompts, args.images, args.branch, args.seed)
         return 0
     if args.loras is not None:
-        judge_loras(args.loras, args.prompts, args.seed)
+        judge_loras(args.loras, args.prompts, args.seed, args.on, args.run_seed)
         return 0
     if args.images < 8:
         ap.error("--images must be >= 8 (best-of-8 and groups of 8 are reported)")

@@ -150,3 +150,20 @@ def test_step_gradient_shares_sum_to_one_and_the_last_steps_dominate():
     assert len(share) == d.DEMO_SAMPLER.steps and abs(share.sum() - 1) < 1e-9
     assert std[-1] < std[0]
     assert share[-2:].sum() > 0.5 > share[:-2].sum()
+
+
+def test_judged_training_prompts_are_the_demo_runs():
+    """`diagnose_demo_signal --loras ... --on training --run-seed S` judges on the prompts the
+    demo run with `--seed S` trained on."""
+    import argparse
+
+    from rlhf import demo
+
+    d = _diagnose_script()
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    for seed in (0, 2):
+        trained = demo.demo_prompts(parser.parse_args(["--seed", str(seed)])).training
+        assert d.judged_prompts(64, "training", seed) == trained
+    assert d.judged_prompts(5, "held-out", 0) == demo.held_out_prompts(demo.DEFAULT_PIPELINE)[:5]
+    assert not set(d.judged_prompts(64, "training", 0)) & set(d.judged_prompts(128, "held-out", 0))
