@@ -19,6 +19,16 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture
+def one_thread():
+    """One torch intra-op thread for the test (restored after): the test machine is shared,
+    and the tiny diffusion models run much faster on one thread under contention."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_config(**overrides):
     from reward import HyperAlignConfig
 

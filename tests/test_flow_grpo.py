@@ -18,13 +18,7 @@ from rlhf.flow.select import resolve_trainer, trainer_class
 from rlhf.flow.tiny import build_tiny_sd3_pipeline
 from rlhf.rewards import Brightness
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _scheduler_sigmas(steps: int) -> torch.Tensor:

@@ -6,14 +6,7 @@ from diffusers import DDIMScheduler
 
 from rlhf.ddim_logprob import check_scheduler, ddim_step_with_logprob, gaussian_logprob
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The test machine is shared: one intra-op thread is much faster under contention.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _scheduler(steps=10, **kw):

@@ -30,13 +30,7 @@ from rlhf.rewards import Brightness
 from rlhf.sampling import encode_prompts
 from rlhf.trainer import DDPOTrainer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Darkness:

@@ -22,13 +22,7 @@ from rlhf.checkpointing import (
 from rlhf.config import apply_overrides, tiny_cpu
 from rlhf.trainer import LORA_CHECKPOINT_FILE, DDPOTrainer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(logdir, *overrides, name="run"):
