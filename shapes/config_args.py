@@ -16,7 +16,17 @@ import textwrap
 
 
 def field_docs(cls) -> dict[str, str]:
-    """The docstring under each field of dataclass ``cls`` (empty where there is none)."""
+    """The docstring under each field of dataclass ``cls`` and of its dataclass bases (empty
+    where there is none; a subclass's docstring wins)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            docs.update(_own_field_docs(klass))
+    return docs
+
+
+def _own_field_docs(cls) -> dict[str, str]:
+    """The docstrings under the fields written in ``cls``'s own class body."""
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError, SyntaxError):

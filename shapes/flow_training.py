@@ -42,6 +42,7 @@ import torch
 from hyperalign.common import dumps_json
 from shapes.sd_training import (
     EMA,
+    SceneTrainingConfig,
     dir_size_mb,
     encode_latents,
     heldout_prompts,
@@ -56,22 +57,12 @@ __all__ = ["FlowTrainConfig", "build_flow_pipeline", "flow_losses", "train"]
 
 
 @dataclass
-class FlowTrainConfig:
+class FlowTrainConfig(SceneTrainingConfig):
     """Everything that determines the trained flow pipeline (saved in ``training.json``)."""
 
     sd_dir: str = ""
     """The shapes Stable Diffusion whose VAE, tokenizer and text encoder are reused (empty:
     the shipped ``shapes/assets/sd``)."""
-    seed: int = 0
-    """Seeds the data, the initialisation and the noise of training."""
-    heldout_seed: int = 12345
-    """Seeds the held-out prompts (the shapes SD's: both pipelines are judged on the same)."""
-    n_heldout: int = 200
-    """Number of distinct held-out prompts."""
-    n_train: int = 20000
-    """Training scene-caption pairs (one faithful scene per sampled prompt)."""
-    image_size: int = 64
-    """Rendered image width = height in pixels (the VAE makes 16x16 latents of it)."""
     layers: int = 6
     """MMDiT blocks of the transformer."""
     heads: int = 4
@@ -86,24 +77,13 @@ class FlowTrainConfig:
     """Batch size."""
     lr: float = 1e-3
     """Peak learning rate (AdamW, linear warm-up, cosine decay to 10 %)."""
-    warmup_steps: int = 100
-    """Linear learning-rate warm-up steps."""
-    p_uncond: float = 0.1
-    """Probability of replacing a caption by the empty prompt (classifier-free guidance)."""
     logit_mean: float = 0.0
     """Mean of the logit-normal density of the training times (SD3: 0)."""
     logit_std: float = 1.0
     """Std of the logit-normal density of the training times (SD3: 1)."""
-    ema_decay: float = 0.995
-    """Largest EMA decay; the decay warms up as (1 + step) / (10 + step)."""
-    grad_clip: float = 1.0
-    """Gradient-norm clip."""
-    threads: int = 1
-    """torch CPU threads (1 or 2: on a shared 2-core machine more threads contend)."""
 
     def __post_init__(self) -> None:
-        if not 1 <= self.threads <= 2:
-            raise ValueError(f"threads must be 1 or 2 on the shared machine, got {self.threads}")
+        super().__post_init__()
         if not 1 <= self.max_sequence_length <= 512:
             raise ValueError(
                 f"max_sequence_length must be in [1, 512], got {self.max_sequence_length}"

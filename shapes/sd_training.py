@@ -49,6 +49,7 @@ from shapes.tokenizer import build_shapes_tokenizer
 from shapes.world import RenderConfig, render
 
 __all__ = [
+    "SceneTrainingConfig",
     "EMA",
     "SDTrainConfig",
     "build_models",
@@ -63,19 +64,41 @@ __all__ = [
 
 
 @dataclass
-class SDTrainConfig:
-    """Everything that determines the trained pipeline (saved in ``training.json``)."""
+class SceneTrainingConfig:
+    """The settings shared by the shapes-world diffusion trainings (this Stable Diffusion and
+    the flow-matching model of ``shapes.flow_training``): data, schedule and machine."""
 
     seed: int = 0
     """Seeds the data, the initialisation and the noise of training."""
     heldout_seed: int = 12345
-    """Seeds the held-out prompt set (drawn first; training never uses these prompts)."""
+    """Seeds the held-out prompt set (drawn first; training never uses these prompts; the
+    flow model uses the SD's, so both are judged on the same)."""
     n_heldout: int = 200
     """Number of distinct held-out prompts."""
     n_train: int = 20000
     """Training scene-caption pairs (one faithful scene per sampled prompt)."""
     image_size: int = 64
-    """Rendered image width = height in pixels."""
+    """Rendered image width = height in pixels (the VAE makes 16x16 latents of it)."""
+    warmup_steps: int = 100
+    """Linear learning-rate warm-up steps (of each training stage)."""
+    p_uncond: float = 0.1
+    """Probability of replacing a caption by the empty prompt (classifier-free guidance)."""
+    ema_decay: float = 0.995
+    """Largest EMA decay; the decay warms up as (1 + step) / (10 + step)."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip (of each training stage)."""
+    threads: int = 1
+    """torch CPU threads (1 or 2: on a shared 2-core machine more threads contend)."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.threads <= 2:
+            raise ValueError(f"threads must be 1 or 2 on the shared machine, got {self.threads}")
+
+
+@dataclass
+class SDTrainConfig(SceneTrainingConfig):
+    """Everything that determines the trained pipeline (saved in ``training.json``)."""
+
     max_length: int = 20
     """Tokenizer/text-encoder sequence length in tokens (the longest grammar prompt is 17)."""
     # --- VAE ---
@@ -113,24 +136,13 @@ class SDTrainConfig:
     """UNet batch size."""
     unet_lr: float = 1e-3
     """Peak learning rate (AdamW, linear warm-up, cosine decay to 10 %)."""
-    warmup_steps: int = 100
-    """Linear learning-rate warm-up steps (both stages)."""
-    p_uncond: float = 0.1
-    """Probability of replacing a caption by the empty prompt (classifier-free guidance)."""
     min_snr_gamma: float = 5.0
     """Min-SNR loss weighting min(SNR, gamma) / SNR (Hang et al. 2023); 0 disables it."""
-    ema_decay: float = 0.995
-    """Largest EMA decay; the decay warms up as (1 + step) / (10 + step)."""
-    grad_clip: float = 1.0
-    """Gradient-norm clip of both stages."""
     n_roundtrip: int = 64
     """Fresh faithful scenes whose VAE reconstructions the oracle reads (reported)."""
-    threads: int = 1
-    """torch CPU threads (1 or 2: on a shared 2-core machine more threads contend)."""
 
     def __post_init__(self) -> None:
-        if not 1 <= self.threads <= 2:
-            raise ValueError(f"threads must be 1 or 2 on the shared machine, got {self.threads}")
+        super().__post_init__()
         for w in self.vae_channels:
             if w % self.vae_norm_groups:
                 raise ValueError(f"vae_norm_groups={self.vae_norm_groups} must divide width {w}")

@@ -55,6 +55,27 @@ def test_config_options_round_trip_with_types_and_help():
         parser.parse_args(["--steps", "three"])
 
 
+@dataclass
+class ExampleChild(Example):
+    """A config that shares its base's fields (as the SD and flow training configs do)."""
+
+    lr: float = 2e-3
+    """The child's own learning rate."""
+    depth: int = 2
+    """Layers."""
+
+
+def test_config_options_include_the_bases_fields_and_their_help():
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, ExampleChild)
+    help_text = " ".join(parser.format_help().split())
+    assert "Optimiser steps (about 10 % of the run). (default: 3)" in help_text  # the base's
+    assert "The child's own learning rate. (default: 0.002)" in help_text  # the child's wins
+    assert "Peak learning rate" not in help_text and "Layers. (default: 2)" in help_text
+    cfg = config_from_args(ExampleChild, parser.parse_args(["--steps", "7", "--depth", "3"]))
+    assert cfg == ExampleChild(steps=7, depth=3)
+
+
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_script_help_is_its_usage(name):
     """Each entry point runs as a plain script and its --help starts with its docstring."""
