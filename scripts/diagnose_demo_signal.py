@@ -4,6 +4,7 @@ Usage:
     HF_HUB_OFFLINE=1 python scripts/diagnose_demo_signal.py [--prompts 64] [--images 8]
         [--reward shapes] [--seed 0] [--cache /tmp/demo_signal.safetensors]
     HF_HUB_OFFLINE=1 python scripts/diagnose_demo_signal.py --branch 0 4 9 14 19 [--prompts 64]
+    HF_HUB_OFFLINE=1 python scripts/diagnose_demo_signal.py --gradient-agreement 8
 
 Draws ``--images`` images for each of the first ``--prompts`` held-out prompts of the shipped
 shapes pipeline with the demo's sampler settings (20 DDIM steps, eta 1, CFG 3), scores them
@@ -35,6 +36,11 @@ oracle's best-of-K gain. What is left at S is the part of the outcome the steps 
 decide, i.e. what their log-probabilities can be credited with in a policy gradient. Then,
 per step, the noise std and the step's share of the squared gradient norm of the log-prob
 (w.r.t. the attention projections the LoRA adapts): how much of a DDPO gradient it supplies.
+
+With ``--gradient-agreement N``, the oracle-rewarded policy gradient of N independent demo
+epochs (8 of the seed's RL training prompts x 4 images each, group-centred advantages, at
+the base weights) and the mean cosine between every pair: near 0, one epoch's gradient is
+mostly noise.
 
 Images are cached (``--cache FILE.safetensors``, prompts and settings in ``FILE.json``) so
 other rewards can be compared on the same samples; a cache made with other prompts, image
@@ -221,6 +227,47 @@ def step_gradient_shares(pipe, prompts: list[str], seed: int) -> tuple[np.ndarra
 _LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out")
 
 
+def epoch_gradients(pipe, reward_fn, prompts: list[str], k: int, seed: int) -> torch.Tensor:
+    """(T, P): the per-step policy gradient of one demo epoch at the sampling weights (ratio
+    1), ``mean_i A_i * grad log p_i(step)`` over ``k`` images of each prompt, with the demo's
+    group-centred advantages of ``reward_fn``, w.r.t. the attention projections (flattened)."""
+    from rlhf.ddim_logprob import ddim_step_with_logprob
+    from rlhf.sampling import encode_prompts, predict_noise, sample_with_logprob
+    from rlhf.stat_tracking import group_centered_advantages
+
+    unet, s = pipe.unet, DEMO_SAMPLER
+    params = [p for n, p in unet.named_parameters() if any(t in n for t in _LORA_TARGETS)]
+    batch = [p for p in prompts for _ in range(k)]
+    embeds = encode_prompts(pipe, batch, pipe.device)
+    neg = encode_prompts(pipe, [""], pipe.device).expand(len(batch), -1, -1)
+    gen = torch.Generator().manual_seed(seed)
+    traj = sample_with_logprob(pipe, embeds, neg, s.steps, s.guidance_scale, s.eta, generator=gen)
+    rewards = reward_fn(traj.images, batch, [{}] * len(batch))[0]
+    adv = torch.as_tensor(group_centered_advantages(np.asarray(rewards), batch)).float()
+    rows = []
+    for j in range(s.steps):
+        x, t = traj.latents[:, j], traj.timesteps[0, j]
+        eps = predict_noise(unet, x, t, embeds, neg, s.guidance_scale)
+        step = ddim_step_with_logprob(
+            pipe.scheduler, eps, t, x, eta=s.eta, prev_sample=traj.next_latents[:, j]
+        )
+        grads = torch.autograd.grad((adv * step.log_prob).mean(), params)
+        rows.append(torch.cat([g.reshape(-1) for g in grads]))
+    return torch.stack(rows)
+
+
+def gradient_agreement(grads: list[torch.Tensor], steps: slice) -> tuple[float, float]:
+    """Mean and standard error of the cosine between the gradients (summed over ``steps``) of
+    every pair of epochs: about SNR^2 / (1 + SNR^2) of one epoch's gradient, 0 for noise."""
+    vecs = [g[steps].sum(0) for g in grads]
+    cos = [
+        float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+        for i, a in enumerate(vecs)
+        for b in vecs[i + 1 :]
+    ]
+    return float(np.mean(cos)), float(np.std(cos) / np.sqrt(len(cos)))
+
+
 def print_branching(n_prompts: int, k: int, shared_steps: list[int], seed: int) -> None:
     """Within-prompt oracle variance and best-of-K gain when images share the first S steps."""
     pipe = load_pipeline(DEFAULT_PIPELINE)
@@ -242,6 +289,26 @@ def print_branching(n_prompts: int, k: int, shared_steps: list[int], seed: int) 
     print("|---|---|---|")
     for j, (sd, sh) in enumerate(zip(std, share), start=1):
         print(f"| {j} | {sd:.3f} | {sh:.3f} |")
+
+
+def print_gradient_agreement(n_epochs: int, seed: int) -> None:
+    """Agreement between the oracle-rewarded policy gradients of independent demo epochs."""
+    from shapes.oracle import ShapesOracleReward
+
+    pipe = load_pipeline(DEFAULT_PIPELINE)
+    prompts = judged_prompts(64, "training", seed)
+    per = 8  # prompts per epoch: the demo's 32 samples in groups of 4
+    grads = [
+        epoch_gradients(pipe, ShapesOracleReward(), prompts[per * i : per * (i + 1)], 4, seed + i)
+        for i in range(n_epochs)
+    ]
+    n = DEMO_SAMPLER.steps
+    print(f"{n_epochs} independent demo epochs (8 training prompts x 4 images each), oracle reward")
+    print("| steps | mean pairwise cosine of the epochs' gradients | standard error |")
+    print("|---|---|---|")
+    for name, sl in (("all", slice(0, n)), ("1-18", slice(0, n - 2)), ("19-20", slice(n - 2, n))):
+        m, se = gradient_agreement(grads, sl)
+        print(f"| {name} | {m:+.4f} | {se:.4f} |")
 
 
 def reward_and_oracle(reward, images: torch.Tensor, prompts: list[str]):
@@ -346,7 +413,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--branch", nargs="*", type=int, default=None, help="steps shared, e.g. 0 4 9 14 19"
     )
+    ap.add_argument(
+        "--gradient-agreement",
+        type=int,
+        default=0,
+        metavar="EPOCHS",
+        help="cosine between the policy gradients of this many independent demo epochs (<= 8)",
+    )
     args = ap.parse_args(argv)
+    if args.gradient_agreement:
+        if not 2 <= args.gradient_agreement <= 8:
+            ap.error("--gradient-agreement takes 2..8 epochs (8 prompts each of the 64)")
+        print_gradient_agreement(args.gradient_agreement, args.seed)
+        return 0
     if args.branch is not None:
         if (
             not args.branch

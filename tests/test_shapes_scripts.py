@@ -188,3 +188,43 @@ def test_judged_training_prompts_are_the_demo_runs():
         assert d.judged_prompts(64, "training", seed) == trained
     assert d.judged_prompts(5, "held-out", 0) == demo.held_out_prompts(demo.DEFAULT_PIPELINE)[:5]
     assert not set(d.judged_prompts(64, "training", 0)) & set(d.judged_prompts(128, "held-out", 0))
+
+
+def test_gradient_agreement_is_one_for_equal_gradients_and_near_zero_for_noise():
+    import torch
+
+    d = _diagnose_script()
+    g = torch.randn(20, 500, generator=torch.Generator().manual_seed(0))
+    assert d.gradient_agreement([g, g.clone(), 2 * g], slice(0, 20))[0] == pytest.approx(1.0)
+    gen = torch.Generator().manual_seed(1)
+    noise = [torch.randn(20, 20_000, generator=gen) for _ in range(6)]
+    mean, se = d.gradient_agreement(noise, slice(0, 20))
+    assert abs(mean) < 0.02 and se < 0.01
+    # a shared direction of the same norm as the noise: cosine about 1/2
+    shared = torch.randn(20, 20_000, generator=gen)
+    mean, _ = d.gradient_agreement([shared + n for n in noise], slice(0, 20))
+    assert mean == pytest.approx(0.5, abs=0.03)
+
+
+def test_epoch_gradients_vanish_when_every_group_ties():
+    """Group-centred advantages: a reward equal within each prompt's group gives no gradient;
+    one that ranks the images does."""
+    import torch
+
+    from rlhf.pipeline import load_pipeline
+
+    d = _diagnose_script()
+    pipe = load_pipeline(d.DEFAULT_PIPELINE)
+
+    def tied(images, prompts, metadata):
+        return torch.tensor([float(len(p)) for p in prompts]), {}
+
+    def ranked(images, prompts, metadata):
+        return images.mean(dim=(1, 2, 3)), {}
+
+    prompts = ["a red circle", "two blue squares"]
+    g0 = d.epoch_gradients(pipe, tied, prompts, 2, seed=0)
+    g1 = d.epoch_gradients(pipe, ranked, prompts, 2, seed=0)
+    assert g0.shape == g1.shape and g0.shape[0] == d.DEMO_SAMPLER.steps
+    assert g0.abs().max() == 0
+    assert g1.abs().max() > 0
