@@ -132,8 +132,11 @@ def judge_loras(
 ) -> None:
     """Fact accuracy per kind, surplus objects and oracle alignment, base model vs each LoRA,
     on held-out or RL training prompts (:func:`judged_prompts`)."""
-    from shapes.oracle import ShapesOracleReward, read_objects
+    from shapes.oracle import OracleConfig, read_objects
+    from shapes.perturb import alignment_under
     from shapes.prompts import as_facts, evaluate_facts, parse_prompt
+
+    oracle = OracleConfig()  # the oracle reward's default truth model
 
     prompts = [p for p in judged_prompts(n_prompts, on, run_seed) for _ in range(2)]
     print(f"{len(prompts) // 2} {on} prompts x 2 images")
@@ -142,15 +145,16 @@ def judge_loras(
     base = None
     for lora in [None, *loras]:
         x = sample_model(prompts, seed, lora)
-        hits, surplus = defaultdict(list), []
+        hits, surplus, scores = defaultdict(list), [], []
         for img, text in zip(x, prompts):
             objs = read_objects(img.double())
+            scores.append(alignment_under(text, objs, oracle.truth, oracle.unmentioned_weight))
             surplus.append(len(objs) - parse_prompt(text).n_objects)
             facts = as_facts(text)
             for f, ok in zip(facts, evaluate_facts(facts, objs)):
                 hits[f.kind].append(bool(ok))
         acc = " | ".join(f"{np.mean(hits[k]):.3f}" if hits[k] else "—" for k in KIND_COLUMNS)
-        o = float(ShapesOracleReward()(x, prompts, [{}] * len(prompts))[0].mean())
+        o = float(np.mean(scores))
         base = o if base is None else base
         print(f"| {lora or 'base'} | {o:.3f} ({o - base:+.3f}) | {np.mean(surplus):+.2f} | {acc} |")
 
@@ -196,11 +200,9 @@ def step_gradient_shares(pipe, prompts: list[str], seed: int) -> tuple[np.ndarra
     """(std (T,), share (T,)): each step's noise std and its share of the summed squared norm
     of grad log p(x_{t-1} | x_t) w.r.t. the attention projections (the LoRA's targets), over
     one demo-sampler trajectory per prompt: how much of a DDPO gradient each step supplies."""
-    from rlhf.ddim_logprob import ddim_step_with_logprob
-    from rlhf.sampling import encode_prompts, predict_noise, sample_with_logprob
+    from rlhf.sampling import encode_prompts, sample_with_logprob
 
-    unet = pipe.unet
-    params = [p for n, p in unet.named_parameters() if any(k in n for k in _LORA_TARGETS)]
+    params = _adapted_params(pipe.unet)
     embeds = encode_prompts(pipe, prompts, pipe.device)
     neg = encode_prompts(pipe, [""], pipe.device).expand(len(prompts), -1, -1)
     s = DEMO_SAMPLER
@@ -212,11 +214,7 @@ def step_gradient_shares(pipe, prompts: list[str], seed: int) -> tuple[np.ndarra
     std = np.zeros(s.steps)
     for j in range(s.steps):
         for b in range(len(prompts)):
-            x, t = traj.latents[b : b + 1, j], traj.timesteps[b, j]
-            eps = predict_noise(unet, x, t, embeds[b : b + 1], neg[:1], s.guidance_scale)
-            step = ddim_step_with_logprob(
-                pipe.scheduler, eps, t, x, eta=s.eta, prev_sample=traj.next_latents[b : b + 1, j]
-            )
+            step = _recorded_step(pipe, traj, j, embeds, neg, slice(b, b + 1))
             grads = torch.autograd.grad(step.log_prob.sum(), params)
             sq[b, j] = float(sum((g.double() ** 2).sum() for g in grads))
         std[j] = float(step.std.reshape(-1)[0])
@@ -224,19 +222,37 @@ def step_gradient_shares(pipe, prompts: list[str], seed: int) -> tuple[np.ndarra
     return std, total / total.sum()
 
 
-_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out")
+def _adapted_params(unet) -> list[torch.nn.Parameter]:
+    """The UNet weights the demo's LoRA adapts (its preset's ``lora_target_modules``)."""
+    from rlhf.config import shapes_demo
+
+    targets = shapes_demo().lora_target_modules
+    return [p for n, p in unet.named_parameters() if any(t in n for t in targets)]
+
+
+def _recorded_step(pipe, traj, j: int, embeds, neg, rows: slice = slice(None)):
+    """The demo sampler's step ``j`` of the ``rows`` of trajectory ``traj``, recomputed with
+    gradients at the current weights and scored at the recorded next latents."""
+    from rlhf.ddim_logprob import ddim_step_with_logprob
+    from rlhf.sampling import predict_noise
+
+    s = DEMO_SAMPLER
+    x, t = traj.latents[rows, j], traj.timesteps[0, j]
+    eps = predict_noise(pipe.unet, x, t, embeds[rows], neg[rows], s.guidance_scale)
+    return ddim_step_with_logprob(
+        pipe.scheduler, eps, t, x, eta=s.eta, prev_sample=traj.next_latents[rows, j]
+    )
 
 
 def epoch_gradients(pipe, reward_fn, prompts: list[str], k: int, seed: int) -> torch.Tensor:
     """(T, P): the per-step policy gradient of one demo epoch at the sampling weights (ratio
     1), ``mean_i A_i * grad log p_i(step)`` over ``k`` images of each prompt, with the demo's
     group-centred advantages of ``reward_fn``, w.r.t. the attention projections (flattened)."""
-    from rlhf.ddim_logprob import ddim_step_with_logprob
-    from rlhf.sampling import encode_prompts, predict_noise, sample_with_logprob
+    from rlhf.sampling import encode_prompts, sample_with_logprob
     from rlhf.stat_tracking import group_centered_advantages
 
-    unet, s = pipe.unet, DEMO_SAMPLER
-    params = [p for n, p in unet.named_parameters() if any(t in n for t in _LORA_TARGETS)]
+    s = DEMO_SAMPLER
+    params = _adapted_params(pipe.unet)
     batch = [p for p in prompts for _ in range(k)]
     embeds = encode_prompts(pipe, batch, pipe.device)
     neg = encode_prompts(pipe, [""], pipe.device).expand(len(batch), -1, -1)
@@ -246,11 +262,7 @@ def epoch_gradients(pipe, reward_fn, prompts: list[str], k: int, seed: int) -> t
     adv = torch.as_tensor(group_centered_advantages(np.asarray(rewards), batch)).float()
     rows = []
     for j in range(s.steps):
-        x, t = traj.latents[:, j], traj.timesteps[0, j]
-        eps = predict_noise(unet, x, t, embeds, neg, s.guidance_scale)
-        step = ddim_step_with_logprob(
-            pipe.scheduler, eps, t, x, eta=s.eta, prev_sample=traj.next_latents[:, j]
-        )
+        step = _recorded_step(pipe, traj, j, embeds, neg)
         grads = torch.autograd.grad((adv * step.log_prob).mean(), params)
         rows.append(torch.cat([g.reshape(-1) for g in grads]))
     return torch.stack(rows)

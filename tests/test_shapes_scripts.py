@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import subprocess
 import sys
@@ -124,6 +125,7 @@ def test_eval_reward_on_sd_prints_a_row_per_reward():
         assert -1.0 <= float(r[2]) <= 1.0 and -1.0 <= float(r[3]) <= 1.0, r
 
 
+@functools.cache
 def _diagnose_script():
     """``scripts/diagnose_demo_signal.py`` as a module."""
     import importlib.util
