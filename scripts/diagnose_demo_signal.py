@@ -40,7 +40,14 @@ per step, the noise std and the step's share of the squared gradient norm of the
 With ``--gradient-agreement N``, the oracle-rewarded policy gradient of N independent demo
 epochs (8 of the seed's RL training prompts x 4 images each, group-centred advantages, at
 the base weights) and the mean cosine between every pair: near 0, one epoch's gradient is
-mostly noise.
+mostly noise. ``--same-prompts`` puts every epoch on the same 8 prompts (fresh noise), so a
+direction particular to those prompts would show too; ``--one-step FIRST LAST`` samples each
+epoch with one stochastic step per prompt (drawn in FIRST..LAST; the other steps DDIM with
+eta 0, the prompt's images sharing the initial noise), so a group's reward differences come
+from that step alone and only its log-prob is differentiated: single-step branching, the
+sharpest per-step credit. ``--draft K`` compares DRaFT-K gradients of the HyperAlign
+``shapes`` reward instead (8 prompts x 1 image per batch, as the ``draft`` preset): a
+pathwise gradient, not a score-function one.
 
 Images are cached (``--cache FILE.safetensors``, prompts and settings in ``FILE.json``) so
 other rewards can be compared on the same samples; a cache made with other prompts, image
@@ -51,7 +58,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
 
@@ -132,9 +138,8 @@ def judge_loras(
 ) -> None:
     """Fact accuracy per kind, surplus objects and oracle alignment, base model vs each LoRA,
     on held-out or RL training prompts (:func:`judged_prompts`)."""
-    from shapes.oracle import OracleConfig, read_objects
+    from shapes.oracle import OracleConfig, fact_breakdown_of_scenes, read_objects
     from shapes.perturb import alignment_under
-    from shapes.prompts import as_facts, evaluate_facts, parse_prompt
 
     oracle = OracleConfig()  # the oracle reward's default truth model
 
@@ -145,18 +150,18 @@ def judge_loras(
     base = None
     for lora in [None, *loras]:
         x = sample_model(prompts, seed, lora)
-        hits, surplus, scores = defaultdict(list), [], []
-        for img, text in zip(x, prompts):
-            objs = read_objects(img.double())
-            scores.append(alignment_under(text, objs, oracle.truth, oracle.unmentioned_weight))
-            surplus.append(len(objs) - parse_prompt(text).n_objects)
-            facts = as_facts(text)
-            for f, ok in zip(facts, evaluate_facts(facts, objs)):
-                hits[f.kind].append(bool(ok))
-        acc = " | ".join(f"{np.mean(hits[k]):.3f}" if hits[k] else "—" for k in KIND_COLUMNS)
+        scenes = [read_objects(img.double(), oracle) for img in x]
+        kinds = fact_breakdown_of_scenes(scenes, prompts, oracle)
+        scores = [
+            alignment_under(text, objs, oracle.truth, oracle.unmentioned_weight)
+            for objs, text in zip(scenes, prompts)
+        ]
+        acc = " | ".join(f"{kinds[k]:.3f}" if k in kinds else "—" for k in KIND_COLUMNS)
         o = float(np.mean(scores))
         base = o if base is None else base
-        print(f"| {lora or 'base'} | {o:.3f} ({o - base:+.3f}) | {np.mean(surplus):+.2f} | {acc} |")
+        print(
+            f"| {lora or 'base'} | {o:.3f} ({o - base:+.3f}) | {kinds['objects_excess']:+.2f} | {acc} |"
+        )
 
 
 @torch.no_grad()
@@ -303,19 +308,127 @@ def print_branching(n_prompts: int, k: int, shared_steps: list[int], seed: int) 
         print(f"| {j} | {sd:.3f} | {sh:.3f} |")
 
 
-def print_gradient_agreement(n_epochs: int, seed: int) -> None:
-    """Agreement between the oracle-rewarded policy gradients of independent demo epochs."""
+def one_step_epoch_gradient(
+    pipe, reward_fn, prompts: list[str], k: int, seed: int, window: tuple[int, int]
+) -> tuple[torch.Tensor, float]:
+    """((1, P), within-group oracle variance): the policy gradient of one epoch in which each
+    prompt's ``k`` images share the initial noise and have one stochastic step, drawn per
+    prompt uniformly in ``window`` (1-based steps, inclusive); every other step is DDIM with
+    eta 0. All of a group's reward differences then come from that one step's noise, the
+    most precise credit a single step can get (single-step branching). Group-centred
+    advantages of ``reward_fn``, at the sampling weights, w.r.t. the attention projections."""
+    from rlhf.ddim_logprob import ddim_step_with_logprob
+    from rlhf.sampling import decode_latents, encode_prompts, predict_noise
+    from rlhf.stat_tracking import group_centered_advantages
+
+    s, sched, unet = DEMO_SAMPLER, pipe.scheduler, pipe.unet
+    batch = [p for p in prompts for _ in range(k)]
+    embeds = encode_prompts(pipe, batch, pipe.device)
+    neg = encode_prompts(pipe, [""], pipe.device).expand(len(batch), -1, -1)
+    gen = torch.Generator().manual_seed(seed)
+    size, channels = unet.config.sample_size, unet.config.in_channels
+    x = torch.randn(len(prompts), channels, size, size, generator=gen).repeat_interleave(k, 0)
+    branch = torch.randint(window[0], window[1] + 1, (len(prompts),), generator=gen)
+    branch = branch.repeat_interleave(k)  # (B,), 1-based
+    xs, nexts = torch.empty_like(x), torch.empty_like(x)
+    ts = torch.zeros(len(batch), dtype=torch.long)
+    sched.set_timesteps(s.steps)
+    with torch.no_grad():
+        for j, t in enumerate(sched.timesteps, start=1):
+            eps = predict_noise(unet, x, t, embeds, neg, s.guidance_scale)
+            det = sched.step(eps, t, x, eta=0.0).prev_sample
+            sto = ddim_step_with_logprob(sched, eps, t, x, eta=s.eta, generator=gen).prev_sample
+            here = branch == j
+            xs[here], nexts[here], ts[here] = x[here], sto[here], int(t)
+            x = torch.where(here.reshape(-1, 1, 1, 1), sto, det)
+        images = decode_latents(pipe, x)
+    rewards = np.asarray(reward_fn(images, batch, [{}] * len(batch))[0], dtype=np.float64)
+    adv = torch.as_tensor(group_centered_advantages(rewards, batch)).float()
+    eps = predict_noise(unet, xs, ts, embeds, neg, s.guidance_scale)
+    step = ddim_step_with_logprob(sched, eps, ts, xs, eta=s.eta, prev_sample=nexts)
+    grads = torch.autograd.grad((adv * step.log_prob).mean(), _adapted_params(unet))
+    within = float(rewards.reshape(len(prompts), k).var(1, ddof=1).mean())
+    return torch.cat([g.reshape(-1) for g in grads])[None], within
+
+
+def draft_batch_gradient(pipe, reward, prompts: list[str], k: int, seed: int) -> torch.Tensor:
+    """(1, P): the DRaFT-K gradient of one batch (one image per prompt, the demo sampler, the
+    gradient through its last ``k`` steps and the straight-through clamp, as the ``draft``
+    preset) of ``reward.score``, w.r.t. the attention projections, at the base weights."""
+    from rlhf.ddim_logprob import ddim_step_with_logprob
+    from rlhf.draft import clamp_straight_through
+    from rlhf.sampling import encode_prompts, predict_noise
+
+    s, sched, unet, vae = DEMO_SAMPLER, pipe.scheduler, pipe.unet, pipe.vae
+    embeds = encode_prompts(pipe, prompts, pipe.device)
+    neg = encode_prompts(pipe, [""], pipe.device).expand(len(prompts), -1, -1)
+    gen = torch.Generator().manual_seed(seed)
+    size, channels = unet.config.sample_size, unet.config.in_channels
+    x = torch.randn(len(prompts), channels, size, size, generator=gen)
+    sched.set_timesteps(s.steps)
+    for j, t in enumerate(sched.timesteps):
+        with torch.set_grad_enabled(j >= s.steps - k):
+            eps = predict_noise(unet, x, t, embeds, neg, s.guidance_scale)
+            x = ddim_step_with_logprob(sched, eps, t, x, eta=s.eta, generator=gen).prev_sample
+    raw = vae.decode(x / vae.config.scaling_factor, return_dict=False)[0].float() / 2 + 0.5
+    score = reward.score(clamp_straight_through(raw), prompts).mean()
+    grads = torch.autograd.grad(score, _adapted_params(unet))
+    return torch.cat([g.reshape(-1) for g in grads])[None]
+
+
+def print_gradient_agreement(
+    n_epochs: int,
+    seed: int,
+    same_prompts: bool = False,
+    window: tuple[int, int] | None = None,
+    draft_k: int = 0,
+) -> None:
+    """Agreement between the oracle-rewarded policy gradients of independent demo epochs:
+    each epoch on its own 8 RL training prompts, or (``same_prompts``) all on the first 8
+    with fresh noise; with ``window``, epochs of :func:`one_step_epoch_gradient`."""
     from shapes.oracle import ShapesOracleReward
 
     pipe = load_pipeline(DEFAULT_PIPELINE)
     prompts = judged_prompts(64, "training", seed)
     per = 8  # prompts per epoch: the demo's 32 samples in groups of 4
-    grads = [
-        epoch_gradients(pipe, ShapesOracleReward(), prompts[per * i : per * (i + 1)], 4, seed + i)
-        for i in range(n_epochs)
+    chunks = [
+        prompts[:per] if same_prompts else prompts[per * i : per * (i + 1)] for i in range(n_epochs)
     ]
+    which = "the same 8 training prompts" if same_prompts else "8 training prompts"
     n = DEMO_SAMPLER.steps
-    print(f"{n_epochs} independent demo epochs (8 training prompts x 4 images each), oracle reward")
+    if draft_k:
+        from reward import build_reward
+
+        reward = build_reward("shapes")
+        grads = [
+            draft_batch_gradient(pipe, reward, c, draft_k, seed + i) for i, c in enumerate(chunks)
+        ]
+        m, se = gradient_agreement(grads, slice(0, 1))
+        print(f"{n_epochs} independent DRaFT-{draft_k} batches ({which}, 1 image each), ")
+        print("the HyperAlign shapes reward's gradient")
+        print("| gradient | mean pairwise cosine | standard error |")
+        print("|---|---|---|")
+        print(f"| DRaFT-{draft_k} | {m:+.4f} | {se:.4f} |")
+        return
+    if window is not None:
+        runs = [
+            one_step_epoch_gradient(pipe, ShapesOracleReward(), c, 4, seed + i, window)
+            for i, c in enumerate(chunks)
+        ]
+        m, se = gradient_agreement([g for g, _ in runs], slice(0, 1))
+        within = np.mean([w for _, w in runs])
+        print(f"{n_epochs} independent epochs ({which} x 4 images each), oracle reward, one")
+        print(f"stochastic step per prompt in {window[0]}..{window[1]}, the others DDIM eta 0")
+        print(
+            "| trained step | mean pairwise cosine | standard error | within-group oracle variance |"
+        )
+        print("|---|---|---|---|")
+        print(f"| the stochastic one | {m:+.4f} | {se:.4f} | {within:.4f} |")
+        return
+    grads = [
+        epoch_gradients(pipe, ShapesOracleReward(), c, 4, seed + i) for i, c in enumerate(chunks)
+    ]
+    print(f"{n_epochs} independent demo epochs ({which} x 4 images each), oracle reward")
     print("| steps | mean pairwise cosine of the epochs' gradients | standard error |")
     print("|---|---|---|")
     for name, sl in (("all", slice(0, n)), ("1-18", slice(0, n - 2)), ("19-20", slice(n - 2, n))):
@@ -432,11 +545,42 @@ def main(argv: list[str] | None = None) -> int:
         metavar="EPOCHS",
         help="cosine between the policy gradients of this many independent demo epochs (<= 8)",
     )
+    ap.add_argument(
+        "--same-prompts",
+        action="store_true",
+        help="--gradient-agreement: every epoch on the same 8 prompts (fresh noise)",
+    )
+    ap.add_argument(
+        "--one-step",
+        nargs=2,
+        type=int,
+        default=None,
+        metavar=("FIRST", "LAST"),
+        help="--gradient-agreement: one stochastic step per prompt, drawn in FIRST..LAST",
+    )
+    ap.add_argument(
+        "--draft",
+        type=int,
+        default=0,
+        metavar="K",
+        help="--gradient-agreement: DRaFT-K gradients of the shapes reward instead",
+    )
     args = ap.parse_args(argv)
+    if (args.same_prompts or args.one_step or args.draft) and not args.gradient_agreement:
+        ap.error("--same-prompts, --one-step and --draft only apply to --gradient-agreement N")
+    if args.one_step and args.draft:
+        ap.error("--one-step and --draft are two kinds of gradient; give one")
+    if not 0 <= args.draft <= DEMO_SAMPLER.steps:
+        ap.error(f"--draft K takes K in 1..{DEMO_SAMPLER.steps}")
     if args.gradient_agreement:
         if not 2 <= args.gradient_agreement <= 8:
             ap.error("--gradient-agreement takes 2..8 epochs (8 prompts each of the 64)")
-        print_gradient_agreement(args.gradient_agreement, args.seed)
+        window = tuple(args.one_step) if args.one_step else None
+        if window and not 1 <= window[0] <= window[1] <= DEMO_SAMPLER.steps:
+            ap.error(f"--one-step takes FIRST <= LAST in 1..{DEMO_SAMPLER.steps}")
+        print_gradient_agreement(
+            args.gradient_agreement, args.seed, args.same_prompts, window, args.draft
+        )
         return 0
     if args.branch is not None:
         if (

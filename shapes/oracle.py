@@ -406,14 +406,23 @@ def fact_breakdown(images, prompts: Sequence, config: OracleConfig | None = None
     """
     import torch
 
+    cfg = config or OracleConfig()
+    cpu = images.detach().to("cpu", torch.float64).clamp(0.0, 1.0)
+    scenes = [read_objects(cpu[i], cfg) for i in range(len(prompts))]
+    return fact_breakdown_of_scenes(scenes, prompts, cfg)
+
+
+def fact_breakdown_of_scenes(
+    scenes: Sequence, prompts: Sequence, config: OracleConfig | None = None
+) -> dict:
+    """:func:`fact_breakdown` of scenes already read: ``scenes[i]`` the objects of the image
+    of ``prompts[i]`` (as :func:`read_objects` returns them)."""
     from shapes.prompts import as_facts
 
     cfg = config or OracleConfig()
-    cpu = images.detach().to("cpu", torch.float64).clamp(0.0, 1.0)
     held: dict[str, list[bool]] = {k: [] for k in FACT_KINDS}
     excess = []
-    for i, prompt in enumerate(prompts):
-        objects = read_objects(cpu[i], cfg)
+    for objects, prompt in zip(scenes, prompts, strict=True):
         facts = as_facts(prompt)
         scored = [f for f in facts if cfg.truth == "closed" or f.kind != "total"]
         for fact, ok in zip(scored, facts_under(prompt, objects, cfg.truth)):

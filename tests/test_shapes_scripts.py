@@ -230,3 +230,34 @@ def test_epoch_gradients_vanish_when_every_group_ties():
     assert g0.shape == g1.shape and g0.shape[0] == d.DEMO_SAMPLER.steps
     assert g0.abs().max() == 0
     assert g1.abs().max() > 0
+
+
+def test_one_step_epochs_differ_only_by_the_one_stochastic_step():
+    """`--gradient-agreement N --one-step FIRST LAST`: a prompt's images share the initial
+    noise and all steps but one, so they differ, and less when that step is a late one; a
+    reward tied within each group gives no gradient, one that ranks the images does."""
+    import torch
+
+    from rlhf.pipeline import load_pipeline
+
+    d = _diagnose_script()
+    pipe = load_pipeline(d.DEFAULT_PIPELINE)
+    seen = []
+
+    def ranked(images, prompts, metadata):
+        seen.append(images)
+        return images.mean(dim=(1, 2, 3)), {}
+
+    def tied(images, prompts, metadata):
+        return torch.tensor([float(len(p)) for p in prompts]), {}
+
+    prompts, steps = ["a red circle"], d.DEMO_SAMPLER.steps
+    spread = {}
+    for step in (1, steps):
+        g, within = d.one_step_epoch_gradient(pipe, ranked, prompts, 3, 0, (step, step))
+        assert g.shape[0] == 1 and g.abs().max() > 0 and within > 0
+        images = seen[-1]
+        spread[step] = (images - images.mean(0)).abs().mean().item()
+    assert spread[1] > spread[steps] > 0
+    g, within = d.one_step_epoch_gradient(pipe, tied, prompts, 3, 0, (1, steps))
+    assert g.abs().max() == 0 and within == 0
