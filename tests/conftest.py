@@ -7,8 +7,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("HYPERALIGN_SHARED_DATA", REPO.parent / "shared" / "data"))
+from hyperalign.common import shared_data_dir  # noqa: E402  (after the offline setting)
+
+SHARED_DATA = shared_data_dir()
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ rlhf.rewards, rlhf.prompts)."""
 import json
 import pickle
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,8 +19,6 @@ from rlhf.stat_tracking import (
     group_advantages,
     group_centered_advantages,
 )
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def test_global_advantages_are_standardised():
@@ -162,9 +159,11 @@ def test_prompt_file(tmp_path):
     assert sorted(get_prompt_fn(f"file:{f}").prompts) == ["a cat", "a dog"]
 
 
-@pytest.mark.skipif(not (SHARED / "prompts").is_dir(), reason="shared data not present")
-def test_simple_animals_match_shared_file():
-    names = (SHARED / "prompts" / "simple_animals.txt").read_text().split()
+def test_simple_animals_match_shared_file(shared_data):
+    path = shared_data / "prompts" / "simple_animals.txt"
+    if not path.is_file():
+        pytest.skip(f"{path} absent")
+    names = path.read_text().split()
     assert tuple(names) == SIMPLE_ANIMALS
 
 
