@@ -385,7 +385,9 @@ def print_gradient_agreement(
 ) -> None:
     """Agreement between the oracle-rewarded policy gradients of independent demo epochs:
     each epoch on its own 8 RL training prompts, or (``same_prompts``) all on the first 8
-    with fresh noise; with ``window``, epochs of :func:`one_step_epoch_gradient`."""
+    with fresh noise; with ``window``, epochs of :func:`one_step_epoch_gradient`; with
+    ``draft_k``, the DRaFT gradients of the HyperAlign ``shapes`` reward on those prompts
+    (:func:`draft_batch_gradient`)."""
     from shapes.oracle import ShapesOracleReward
 
     pipe = load_pipeline(DEFAULT_PIPELINE)
@@ -404,8 +406,10 @@ def print_gradient_agreement(
             draft_batch_gradient(pipe, reward, c, draft_k, seed + i) for i, c in enumerate(chunks)
         ]
         m, se = gradient_agreement(grads, slice(0, 1))
-        print(f"{n_epochs} independent DRaFT-{draft_k} batches ({which}, 1 image each), ")
-        print("the HyperAlign shapes reward's gradient")
+        print(
+            f"{n_epochs} independent DRaFT-{draft_k} batches ({which}, 1 image each), "
+            "the HyperAlign shapes reward's gradient"
+        )
         print("| gradient | mean pairwise cosine | standard error |")
         print("|---|---|---|")
         print(f"| DRaFT-{draft_k} | {m:+.4f} | {se:.4f} |")

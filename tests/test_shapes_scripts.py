@@ -261,3 +261,23 @@ def test_one_step_epochs_differ_only_by_the_one_stochastic_step():
     assert spread[1] > spread[steps] > 0
     g, within = d.one_step_epoch_gradient(pipe, tied, prompts, 3, 0, (1, steps))
     assert g.abs().max() == 0 and within == 0
+
+
+def test_draft_batch_gradient_flows_through_the_last_k_steps_only():
+    """`--gradient-agreement N --draft K`: the reward's pathwise gradient reaches the UNet
+    through the last K steps; with K = 1 it is the last step's alone, so it differs from K = 20
+    and is smaller."""
+    from rlhf.pipeline import load_pipeline
+
+    d = _diagnose_script()
+    pipe = load_pipeline(d.DEFAULT_PIPELINE)
+
+    class Mean:
+        def score(self, images, prompts):
+            return images.mean(dim=(1, 2, 3))
+
+    g1 = d.draft_batch_gradient(pipe, Mean(), ["a red circle"], 1, seed=0)
+    g20 = d.draft_batch_gradient(pipe, Mean(), ["a red circle"], d.DEMO_SAMPLER.steps, seed=0)
+    assert g1.shape == g20.shape and g1.shape[0] == 1
+    assert g1.norm() > 0 and g20.norm() > g1.norm()
+    assert (g20 - g1).norm() > 0.1 * g20.norm()
