@@ -171,11 +171,10 @@ def branched_latents(pipe, prompt: str, k: int, shared: int, gen: torch.Generato
     independent step noise after. Image 0 follows the same trajectory whatever ``shared``
     (the group copies it), so one generator state gives one shared prefix for every S."""
     from rlhf.ddim_logprob import ddim_step_with_logprob
-    from rlhf.sampling import encode_prompts, predict_noise
+    from rlhf.sampling import predict_noise
 
     s, sched, unet = DEMO_SAMPLER, pipe.scheduler, pipe.unet
-    embeds = encode_prompts(pipe, [prompt] * k, pipe.device)  # (k, L, D)
-    neg = encode_prompts(pipe, [""], pipe.device).expand(k, -1, -1)
+    embeds, neg = _prompt_states(pipe, [prompt] * k)  # (k, L, D) each
     size = unet.config.sample_size
     x = torch.randn(1, unet.config.in_channels, size, size, generator=gen).expand(k, -1, -1, -1)
     sched.set_timesteps(s.steps)
@@ -205,11 +204,10 @@ def step_gradient_shares(pipe, prompts: list[str], seed: int) -> tuple[np.ndarra
     """(std (T,), share (T,)): each step's noise std and its share of the summed squared norm
     of grad log p(x_{t-1} | x_t) w.r.t. the attention projections (the LoRA's targets), over
     one demo-sampler trajectory per prompt: how much of a DDPO gradient each step supplies."""
-    from rlhf.sampling import encode_prompts, sample_with_logprob
+    from rlhf.sampling import sample_with_logprob
 
     params = _adapted_params(pipe.unet)
-    embeds = encode_prompts(pipe, prompts, pipe.device)
-    neg = encode_prompts(pipe, [""], pipe.device).expand(len(prompts), -1, -1)
+    embeds, neg = _prompt_states(pipe, prompts)
     s = DEMO_SAMPLER
     traj = sample_with_logprob(
         pipe, embeds, neg, s.steps, s.guidance_scale, s.eta,
@@ -225,6 +223,19 @@ def step_gradient_shares(pipe, prompts: list[str], seed: int) -> tuple[np.ndarra
         std[j] = float(step.std.reshape(-1)[0])
     total = sq.mean(0)
     return std, total / total.sum()
+
+
+def _prompt_states(pipe, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text-encoder states (B, L, D) of ``prompts`` and of the empty negative prompt."""
+    from rlhf.sampling import encode_prompts
+
+    embeds = encode_prompts(pipe, prompts, pipe.device)
+    return embeds, encode_prompts(pipe, [""], pipe.device).expand(len(prompts), -1, -1)
+
+
+def _flat_grad(objective: torch.Tensor, params) -> torch.Tensor:
+    """The gradient of the scalar ``objective`` w.r.t. ``params``, flattened into one vector."""
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(objective, params)])
 
 
 def _adapted_params(unet) -> list[torch.nn.Parameter]:
@@ -253,14 +264,13 @@ def epoch_gradients(pipe, reward_fn, prompts: list[str], k: int, seed: int) -> t
     """(T, P): the per-step policy gradient of one demo epoch at the sampling weights (ratio
     1), ``mean_i A_i * grad log p_i(step)`` over ``k`` images of each prompt, with the demo's
     group-centred advantages of ``reward_fn``, w.r.t. the attention projections (flattened)."""
-    from rlhf.sampling import encode_prompts, sample_with_logprob
+    from rlhf.sampling import sample_with_logprob
     from rlhf.stat_tracking import group_centered_advantages
 
     s = DEMO_SAMPLER
     params = _adapted_params(pipe.unet)
     batch = [p for p in prompts for _ in range(k)]
-    embeds = encode_prompts(pipe, batch, pipe.device)
-    neg = encode_prompts(pipe, [""], pipe.device).expand(len(batch), -1, -1)
+    embeds, neg = _prompt_states(pipe, batch)
     gen = torch.Generator().manual_seed(seed)
     traj = sample_with_logprob(pipe, embeds, neg, s.steps, s.guidance_scale, s.eta, generator=gen)
     rewards = reward_fn(traj.images, batch, [{}] * len(batch))[0]
@@ -268,8 +278,7 @@ def epoch_gradients(pipe, reward_fn, prompts: list[str], k: int, seed: int) -> t
     rows = []
     for j in range(s.steps):
         step = _recorded_step(pipe, traj, j, embeds, neg)
-        grads = torch.autograd.grad((adv * step.log_prob).mean(), params)
-        rows.append(torch.cat([g.reshape(-1) for g in grads]))
+        rows.append(_flat_grad((adv * step.log_prob).mean(), params))
     return torch.stack(rows)
 
 
@@ -318,13 +327,12 @@ def one_step_epoch_gradient(
     most precise credit a single step can get (single-step branching). Group-centred
     advantages of ``reward_fn``, at the sampling weights, w.r.t. the attention projections."""
     from rlhf.ddim_logprob import ddim_step_with_logprob
-    from rlhf.sampling import decode_latents, encode_prompts, predict_noise
+    from rlhf.sampling import decode_latents, predict_noise
     from rlhf.stat_tracking import group_centered_advantages
 
     s, sched, unet = DEMO_SAMPLER, pipe.scheduler, pipe.unet
     batch = [p for p in prompts for _ in range(k)]
-    embeds = encode_prompts(pipe, batch, pipe.device)
-    neg = encode_prompts(pipe, [""], pipe.device).expand(len(batch), -1, -1)
+    embeds, neg = _prompt_states(pipe, batch)
     gen = torch.Generator().manual_seed(seed)
     size, channels = unet.config.sample_size, unet.config.in_channels
     x = torch.randn(len(prompts), channels, size, size, generator=gen).repeat_interleave(k, 0)
@@ -346,9 +354,9 @@ def one_step_epoch_gradient(
     adv = torch.as_tensor(group_centered_advantages(rewards, batch)).float()
     eps = predict_noise(unet, xs, ts, embeds, neg, s.guidance_scale)
     step = ddim_step_with_logprob(sched, eps, ts, xs, eta=s.eta, prev_sample=nexts)
-    grads = torch.autograd.grad((adv * step.log_prob).mean(), _adapted_params(unet))
+    grad = _flat_grad((adv * step.log_prob).mean(), _adapted_params(unet))
     within = float(rewards.reshape(len(prompts), k).var(1, ddof=1).mean())
-    return torch.cat([g.reshape(-1) for g in grads])[None], within
+    return grad[None], within
 
 
 def draft_batch_gradient(pipe, reward, prompts: list[str], k: int, seed: int) -> torch.Tensor:
@@ -357,11 +365,10 @@ def draft_batch_gradient(pipe, reward, prompts: list[str], k: int, seed: int) ->
     preset) of ``reward.score``, w.r.t. the attention projections, at the base weights."""
     from rlhf.ddim_logprob import ddim_step_with_logprob
     from rlhf.draft import clamp_straight_through
-    from rlhf.sampling import encode_prompts, predict_noise
+    from rlhf.sampling import predict_noise
 
     s, sched, unet, vae = DEMO_SAMPLER, pipe.scheduler, pipe.unet, pipe.vae
-    embeds = encode_prompts(pipe, prompts, pipe.device)
-    neg = encode_prompts(pipe, [""], pipe.device).expand(len(prompts), -1, -1)
+    embeds, neg = _prompt_states(pipe, prompts)
     gen = torch.Generator().manual_seed(seed)
     size, channels = unet.config.sample_size, unet.config.in_channels
     x = torch.randn(len(prompts), channels, size, size, generator=gen)
@@ -372,8 +379,7 @@ def draft_batch_gradient(pipe, reward, prompts: list[str], k: int, seed: int) ->
             x = ddim_step_with_logprob(sched, eps, t, x, eta=s.eta, generator=gen).prev_sample
     raw = vae.decode(x / vae.config.scaling_factor, return_dict=False)[0].float() / 2 + 0.5
     score = reward.score(clamp_straight_through(raw), prompts).mean()
-    grads = torch.autograd.grad(score, _adapted_params(unet))
-    return torch.cat([g.reshape(-1) for g in grads])[None]
+    return _flat_grad(score, _adapted_params(unet))[None]
 
 
 def print_gradient_agreement(
