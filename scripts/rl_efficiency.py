@@ -26,6 +26,17 @@ a few minutes each. Wall time counts every process of a cell except the cached "
 Prints the table: row, mode, budget, seed, oracle gain [95 % CI], reward gain, train and
 wall seconds; then the summary: per row, budget and reward the seeds' gains, their mean and
 the seed-paired difference to the "ppo" row.
+
+``--curve`` judges instead every checkpoint a cell saved (add ``save_freq=N`` and
+``num_checkpoint_limit=M`` to its row), with the same judge and the cached "before": one
+long run gives the held-out gain after each N epochs, i.e. the gain as a function of the
+sample budget at that learning rate. It writes ``--out/<cell>.curve.json`` and prints
+epochs, samples, oracle gain [95 % CI], reward gain and drift per checkpoint::
+
+    python scripts/rl_efficiency.py --row long=ppo,train_learning_rate=3e-4,save_freq=24,\
+        num_checkpoint_limit=8 --budgets 192x32 --seeds 0 --out runs/rl_scale       # train
+    python scripts/rl_efficiency.py --row long=ppo,... --budgets 192x32 --seeds 0 \
+        --out runs/rl_scale --curve                                                  # judge
 """
 
 from __future__ import annotations
@@ -111,8 +122,9 @@ def _before_key(cfg, prompts, ns) -> dict:
     }
 
 
-def cached_before(trainer, cfg, prompts, ns, cache_dir: Path):
-    """The base model's judgement, from `cache_dir` when made with the same settings."""
+def cached_before(judge, cfg, prompts, ns, cache_dir: Path):
+    """The base model's judgement, from `cache_dir` when made with the same settings, else
+    ``judge()`` (a :class:`demo.Judgement` of the base model), stored there."""
     from safetensors.torch import load_file, save_file
 
     key = _before_key(cfg, prompts, ns)
@@ -125,7 +137,7 @@ def cached_before(trainer, cfg, prompts, ns, cache_dir: Path):
                 np.array(saved["reward"]),
                 np.array(saved["oracle"]),
             )
-    judged = demo.judge(trainer, prompts, cfg)
+    judged = judge()
     n = len(list(cache_dir.glob("before_*.json")))
     path = cache_dir / f"before_{n}.json"
     # The images too (fp16: 1e-3 of quantisation), for the per-kind facts and the drift.
@@ -165,7 +177,7 @@ def run_cell(args, name: str, mode: str, overrides, budget, seed: int, partial: 
         cfg.num_epochs = min(total, state["epochs"] + args.max_epochs)
     prompts = demo.demo_prompts(ns)
     trainer = demo.build_trainer(cfg, ns, prompts)
-    before = cached_before(trainer, cfg, prompts, ns, out_dir)
+    before = cached_before(lambda: demo.judge(trainer, prompts, cfg), cfg, prompts, ns, out_dir)
     t0 = time.perf_counter()
     history = trainer.train()
     times = state["s"]
@@ -201,6 +213,83 @@ def run_cell(args, name: str, mode: str, overrides, budget, seed: int, partial: 
     }
 
 
+def cell_name(name: str, budget: tuple[int, int], reward: str, seed: int) -> str:
+    """The file stem of one (row, budget, reward, seed) cell in ``--out``."""
+    return f"{name}_{budget[0]}x{budget[1]}_{reward_tag(reward)}_s{seed}"
+
+
+def checkpoint_curve(args, name: str, mode: str, overrides, budget, seed: int) -> list[dict]:
+    """Judge every checkpoint the cell saved, like the cell's own "after" (the same held-out
+    prompts, seeds, sampler and scorers, paired against the cached "before"); one dict per
+    checkpoint: epochs, samples, oracle and reward gain, per-kind facts, drift."""
+    from accelerate import PartialState
+
+    from rlhf.checkpointing import list_checkpoints
+    from rlhf.pipeline import check_lora_file, check_lora_fits, load_pipeline, lora_applied
+
+    out_dir = Path(args.out)
+    cell = cell_name(name, budget, args.reward, seed)
+    ns = demo_args(args, mode, overrides, budget, seed, out_dir / "runs" / cell)
+    cfg = demo.demo_config(ns)
+    prompts = demo.demo_prompts(ns)
+    ckpts = list_checkpoints(Path(ns.out) / "checkpoints")
+    if not ckpts:
+        raise FileNotFoundError(
+            f"no checkpoints in {Path(ns.out) / 'checkpoints'}: train the cell first, with "
+            "save_freq=N in its row (the script's cells save only at the end otherwise)"
+        )
+    pipe = load_pipeline(cfg.pretrained_model, resolution=cfg.resolution)
+    reward_fn = demo.build_reward_fn(args.reward, PartialState().device)
+    settings = demo.eval_settings(cfg)
+
+    def judge() -> demo.Judgement:
+        return demo.generate_and_score(
+            pipe,
+            prompts.eval_prompts,
+            prompts.eval_seeds,
+            settings,
+            reward_fn,
+            cfg.sample_batch_size,
+        )
+
+    before = cached_before(judge, cfg, prompts, ns, out_dir)
+    curve = []
+    for ckpt in ckpts:
+        lora = check_lora_fits(pipe, check_lora_file(ckpt / "lora"))
+        with lora_applied(pipe, lora):
+            after = judge()
+        m = demo.demo_metrics(ns, prompts, before, after)
+        epochs = int(ckpt.name.rsplit("_", 1)[1])
+        curve.append(
+            {
+                "checkpoint": ckpt.name,
+                "epochs": epochs,
+                "samples": epochs * budget[1],
+                "oracle_gain": m["improvement"]["oracle"],
+                "reward_gain": m["improvement"]["reward"],
+                "facts": m["facts"],
+                "drift": m["drift"],
+            }
+        )
+    return curve
+
+
+def curve_table(curve: list[dict]) -> str:
+    """The Markdown table of :func:`checkpoint_curve`'s output."""
+    lines = [
+        "| epochs | samples | oracle gain [95 % CI] | reward gain | drift (mean \\|Δpixel\\|) |",
+        "|---|---|---|---|---|",
+    ]
+    for c in curve:
+        o = c["oracle_gain"]
+        lines.append(
+            f"| {c['epochs']} | {c['samples']} | {o['mean']:+.3f} [{o['ci95'][0]:+.3f}, "
+            f"{o['ci95'][1]:+.3f}] | {c['reward_gain']['mean']:+.3f} | "
+            f"{c['drift']['mean_abs_pixel']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
 def table(out: Path) -> str:
     """The Markdown table of every finished cell in `out`."""
     lines = [
@@ -224,7 +313,7 @@ def _finished_cells(out: Path) -> list[dict]:
     return [
         json.loads(p.read_text())
         for p in sorted(out.glob("*_s[0-9]*.json"))
-        if not p.name.endswith(".partial.json")
+        if not p.name.endswith((".partial.json", ".curve.json"))
     ]
 
 
@@ -321,6 +410,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--table", action="store_true", help="only print the table of --out")
     ap.add_argument(
+        "--curve",
+        action="store_true",
+        help="judge every saved checkpoint of the given cells (their learning curves)",
+    )
+    ap.add_argument(
         "--fidelity",
         action="store_true",
         help="also print the reward-fidelity table (cells of every --reward in --out)",
@@ -328,6 +422,18 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.curve:
+        import torch
+
+        torch.set_num_threads(1)
+        for name, mode, overrides in [parse_row(r) for r in args.row]:
+            for budget in [parse_budget(b) for b in args.budgets]:
+                for seed in args.seeds:
+                    cell = cell_name(name, budget, args.reward, seed)
+                    curve = checkpoint_curve(args, name, mode, overrides, budget, seed)
+                    atomic_write_json(out / f"{cell}.curve.json", curve)
+                    print(f"{cell}\n\n{curve_table(curve)}\n")
+        return 0
     if not args.table:
         import torch
 
@@ -337,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, mode, overrides in rows:
             for budget in budgets:
                 for seed in args.seeds:
-                    cell = f"{name}_{budget[0]}x{budget[1]}_{reward_tag(args.reward)}_s{seed}"
+                    cell = cell_name(name, budget, args.reward, seed)
                     path = out / f"{cell}.json"
                     if path.is_file():
                         continue

@@ -88,3 +88,38 @@ def test_a_checkpoint_path_as_reward_names_a_file_not_a_folder(script):
     assert script.reward_tag("runs/calib_cos") == "runs-calib_cos"
     assert script.reward_tag("shapes-cosine") == "shapes-cosine"
     assert "/" not in script.reward_tag("/abs/path with space/ckpt")
+
+
+PIPE = Path(__file__).resolve().parents[1] / "shapes" / "assets" / "sd"
+
+
+@pytest.mark.skipif(not (PIPE / "model_index.json").is_file(), reason="shapes assets not built")
+def test_curve_judges_each_checkpoint_like_the_cells_own_end(script, tmp_path, capsys):
+    """A two-epoch cell saving every epoch; `--curve` judges both checkpoints, and the last
+    one (the final weights) gets the cell's own held-out gains."""
+    import warnings
+
+    row = "t=ppo,sample_num_steps=4,sample_batch_size=8,train_batch_size=8,save_freq=1"
+    common = [
+        "--row", row, "--budgets", "2x8", "--seeds", "0", "--out", str(tmp_path),
+        "--eval-prompts", "3", "--eval-images", "2", "--train-prompts", "4",
+    ]  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert script.main(common) == 0
+        cell = json.loads((tmp_path / "t_2x8_oracle_s0.json").read_text())
+        assert script.main([*common, "--curve"]) == 0
+    curve = json.loads((tmp_path / "t_2x8_oracle_s0.curve.json").read_text())
+    assert [c["epochs"] for c in curve] == [1, 2] and [c["samples"] for c in curve] == [8, 16]
+    for key in ("oracle_gain", "reward_gain"):
+        assert curve[-1][key]["mean"] == pytest.approx(cell[key]["mean"], abs=1e-4), key
+    assert curve[0]["drift"]["mean_abs_pixel"] > 0  # one epoch already moved the images
+    assert "| 2 | 16 | " in capsys.readouterr().out
+    # The curve file is not a cell: the tables still list the one cell.
+    assert len(script._finished_cells(tmp_path)) == 1
+
+
+def test_curve_without_checkpoints_says_how_to_get_them(script, tmp_path):
+    args = ["--row", "t=ppo", "--budgets", "2x16", "--out", str(tmp_path), "--curve"]
+    with pytest.raises(FileNotFoundError, match="save_freq=N"):
+        script.main(args)
