@@ -218,13 +218,26 @@ def cell_name(name: str, budget: tuple[int, int], reward: str, seed: int) -> str
     return f"{name}_{budget[0]}x{budget[1]}_{reward_tag(reward)}_s{seed}"
 
 
+def cells(args):
+    """``(cell name, (row name, mode, overrides, budget, seed))`` for every cell of ``--row`` x
+    ``--budgets`` x ``--seeds``, in that order."""
+    budgets = [parse_budget(b) for b in args.budgets]
+    for name, mode, overrides in [parse_row(r) for r in args.row]:
+        for budget in budgets:
+            for seed in args.seeds:
+                yield (
+                    cell_name(name, budget, args.reward, seed),
+                    (name, mode, overrides, budget, seed),
+                )
+
+
 def checkpoint_curve(args, name: str, mode: str, overrides, budget, seed: int) -> list[dict]:
     """Judge every checkpoint the cell saved, like the cell's own "after" (the same held-out
     prompts, seeds, sampler and scorers, paired against the cached "before"); one dict per
     checkpoint: epochs, samples, oracle and reward gain, per-kind facts, drift."""
     from accelerate import PartialState
 
-    from rlhf.checkpointing import list_checkpoints
+    from rlhf.checkpointing import CHECKPOINT_PATTERN, list_checkpoints
     from rlhf.pipeline import check_lora_file, check_lora_fits, load_pipeline, lora_applied
 
     out_dir = Path(args.out)
@@ -259,7 +272,7 @@ def checkpoint_curve(args, name: str, mode: str, overrides, budget, seed: int) -
         with lora_applied(pipe, lora):
             after = judge()
         m = demo.demo_metrics(ns, prompts, before, after)
-        epochs = int(ckpt.name.rsplit("_", 1)[1])
+        epochs = int(CHECKPOINT_PATTERN.match(ckpt.name)[1])
         curve.append(
             {
                 "checkpoint": ckpt.name,
@@ -422,38 +435,30 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.curve:
+    if args.curve or not args.table:
         import torch
 
         torch.set_num_threads(1)
-        for name, mode, overrides in [parse_row(r) for r in args.row]:
-            for budget in [parse_budget(b) for b in args.budgets]:
-                for seed in args.seeds:
-                    cell = cell_name(name, budget, args.reward, seed)
-                    curve = checkpoint_curve(args, name, mode, overrides, budget, seed)
-                    atomic_write_json(out / f"{cell}.curve.json", curve)
-                    print(f"{cell}\n\n{curve_table(curve)}\n")
+    if args.curve:
+        if not args.row:
+            ap.error("--curve judges the checkpoints of the cells given by --row; give one")
+        for cell, (name, mode, overrides, budget, seed) in cells(args):
+            curve = checkpoint_curve(args, name, mode, overrides, budget, seed)
+            atomic_write_json(out / f"{cell}.curve.json", curve)
+            print(f"{cell}\n\n{curve_table(curve)}\n")
         return 0
     if not args.table:
-        import torch
-
-        torch.set_num_threads(1)
-        rows = [parse_row(r) for r in args.row]
-        budgets = [parse_budget(b) for b in args.budgets]
-        for name, mode, overrides in rows:
-            for budget in budgets:
-                for seed in args.seeds:
-                    cell = cell_name(name, budget, args.reward, seed)
-                    path = out / f"{cell}.json"
-                    if path.is_file():
-                        continue
-                    partial = out / f"{cell}.partial.json"
-                    result = run_cell(args, name, mode, overrides, budget, seed, partial)
-                    if result is None:
-                        print(f"{cell}: stopped after --max-epochs; run again to continue")
-                        return 0
-                    atomic_write_json(path, result)
-                    partial.unlink(missing_ok=True)
+        for cell, (name, mode, overrides, budget, seed) in cells(args):
+            path = out / f"{cell}.json"
+            if path.is_file():
+                continue
+            partial = out / f"{cell}.partial.json"
+            result = run_cell(args, name, mode, overrides, budget, seed, partial)
+            if result is None:
+                print(f"{cell}: stopped after --max-epochs; run again to continue")
+                return 0
+            atomic_write_json(path, result)
+            partial.unlink(missing_ok=True)
     print(table(out))
     print("\n" + summary_table(out))
     if args.fidelity:
